@@ -1,0 +1,272 @@
+"""The posit(n, es) format: constants, rounding, bit patterns and correctly rounded ops.
+
+Posit values live in ordinary float tensors (the format's ``dtype``: float32 when every
+value is an exact float32, float64 otherwise), so every torch op, autograd and DataLoader
+can carry them; NaR is held as NaN. Bit patterns (``storage_dtype``) are for storage.
+The work is done by the numba kernels in ``positnn.kernels``, compiled at first use.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .kernels import arith
+from .kernels import rounding as rk
+
+MIN_NBITS, MAX_NBITS = 2, 32
+MIN_ES, MAX_ES = 0, 5
+ROUNDING_MODES = ("nearest", "stochastic")
+_PARSE_RE = re.compile(
+    r"^\s*(?:posit\s*[(<]\s*(\d+)\s*,\s*(\d+)\s*[)>]|p(?:osit)?(\d+)(?:e|_|es)(\d+)|posit(\d+))\s*$",
+    re.IGNORECASE,
+)
+
+TensorLike = torch.Tensor | float | int
+
+
+@dataclass(frozen=True)
+class Posit:
+    """The posit format posit(nbits, es): 2 <= nbits <= 32, 0 <= es <= 5.
+
+    An immutable value object (hashable, comparable) that knows its constants and rounds,
+    encodes, decodes and computes on tensors of posit values. Methods accept tensors on any
+    device; the kernels run on the CPU, so other devices round-trip through host memory.
+    """
+
+    nbits: int
+    es: int
+
+    def __post_init__(self) -> None:
+        for name, value, lo, hi in (("nbits", self.nbits, MIN_NBITS, MAX_NBITS), ("es", self.es, MIN_ES, MAX_ES)):
+            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+                raise ValueError(f"posit {name} must be an integer in [{lo}, {hi}], got {value!r}")
+
+    def __repr__(self) -> str:
+        return f"Posit({self.nbits}, {self.es})"
+
+    def __str__(self) -> str:
+        return f"posit({self.nbits},{self.es})"
+
+    @classmethod
+    def parse(cls, text: str) -> "Posit":
+        """Parse "posit(8,2)", "posit<8,2>", "p8e2", "posit8_2" or "posit8" (es = 2, as in
+        the 2022 standard and the PositNN recipe names)."""
+        m = _PARSE_RE.match(text) if isinstance(text, str) else None
+        if m is None:
+            raise ValueError(
+                f"cannot parse posit format {text!r}: expected 'posit(N,ES)', 'pNeES' or 'positN' "
+                f"with {MIN_NBITS} <= N <= {MAX_NBITS} and {MIN_ES} <= ES <= {MAX_ES}"
+            )
+        g = m.groups()
+        if g[4] is not None:
+            return cls(int(g[4]), 2)
+        nbits, es = (g[0], g[1]) if g[0] is not None else (g[2], g[3])
+        return cls(int(nbits), int(es))
+
+    # -- constants ----------------------------------------------------------------------
+    @property
+    def useed(self) -> int:
+        """2 ** 2 ** es: the factor between consecutive regimes."""
+        return 1 << (1 << self.es)
+
+    @property
+    def max_exponent(self) -> int:
+        """log2(maxpos) = (nbits - 2) * 2**es; minpos is 2 ** -max_exponent."""
+        return (self.nbits - 2) << self.es
+
+    @property
+    def maxpos(self) -> float:
+        return 2.0**self.max_exponent
+
+    @property
+    def minpos(self) -> float:
+        return 2.0**-self.max_exponent
+
+    @property
+    def max_significand_bits(self) -> int:
+        """Significand bits (hidden bit included) of the most precise values, near 1."""
+        return max(self.nbits - 2 - self.es, 1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The float carrier: float32 if every value is a normal float32, else float64."""
+        fits = self.max_exponent <= 126 and self.max_significand_bits <= 24
+        return torch.float32 if fits else torch.float64
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """The smallest signed integer type that holds a bit pattern."""
+        return torch.int8 if self.nbits <= 8 else torch.int16 if self.nbits <= 16 else torch.int32
+
+    @property
+    def quire_bits(self) -> int:
+        """Quire width: 16n (Posit Standard 2022) for es = 2, else Universal's
+        2**es * (4n - 8) product range plus 30 carry bits and a sign bit."""
+        if self.es == 2:
+            return 16 * self.nbits
+        return (1 << self.es) * (4 * self.nbits - 8) + 31
+
+    def values(self) -> torch.Tensor:
+        """Every value, indexed by the bit pattern read as unsigned (NaR is NaN)."""
+        if self.nbits > 16:
+            raise ValueError(f"values() enumerates formats of at most 16 bits, not {self.nbits}")
+        return self.decode(torch.arange(1 << self.nbits, dtype=torch.int64))
+
+    # -- rounding and bit patterns ---------------------------------------------------------
+    def round(
+        self,
+        x: torch.Tensor,
+        rounding: str = "nearest",
+        *,
+        underflow: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Round a floating tensor to the nearest posits, as a tensor of ``self.dtype``.
+
+        "nearest" is round-to-nearest-even on the bit string (geometric midpoints where
+        exponent bits are cut), saturating at minpos and maxpos; NaN and +-inf become NaR.
+        "stochastic" picks the upper neighbour with probability linear in the distance,
+        drawing from ``generator``. ``underflow=True`` flushes |x| <= minpos / useed to 0
+        (PositNN's non-standard option).
+        """
+        x = _check_float(x, "x")
+        if rounding == "nearest":
+            return _launch(rk.round_nearest, self, (x,), underflow, cast_inputs=False)
+        if rounding == "stochastic":
+            rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator))
+            return _launch(rk.round_stochastic, self, (x, rand), underflow, cast_inputs=False)
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+
+    def encode(self, x: torch.Tensor, *, round: bool = False) -> torch.Tensor:
+        """Two's-complement bit patterns (``storage_dtype``) of posit values; NaR is 100...0.
+
+        Raises ValueError if an element is not exactly a posit of this format, unless
+        ``round=True``, which rounds to nearest first.
+        """
+        x = _check_float(x, "x")
+        if round:
+            x = self.round(x)
+        src = _host_flat(x)
+        out = torch.empty(x.shape, dtype=self.storage_dtype)
+        bad = rk.encode(src, out.view(-1).numpy(), self.nbits, self.es)
+        if bad:
+            flat = x.detach().reshape(-1).cpu().double()
+            wrong = (self.round(flat).double() != flat) & ~flat.isnan()
+            idx = int(wrong.nonzero()[0, 0])
+            raise ValueError(
+                f"{bad} element(s) are not {self} values, e.g. {flat[idx].item()!r} at flat index {idx}; "
+                f"use encode(x, round=True) or encode(fmt.round(x))"
+            )
+        return out.to(x.device)
+
+    def decode(self, bits: torch.Tensor) -> torch.Tensor:
+        """Values of bit patterns (the low ``nbits`` bits of each integer), as ``self.dtype``."""
+        if not isinstance(bits, torch.Tensor) or bits.dtype.is_floating_point or bits.dtype.is_complex or bits.dtype == torch.bool:
+            raise TypeError(f"decode expects an integer tensor of bit patterns, got {_describe(bits)}")
+        return _launch(rk.decode, self, (bits,), False, cast_inputs=False, pass_underflow=False)
+
+    # -- correctly rounded arithmetic -------------------------------------------------------
+    def add(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+        """a + b, computed exactly and rounded once."""
+        return _launch(arith.add, self, (a, b))
+
+    def sub(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+        """a - b, computed exactly and rounded once."""
+        return _launch(arith.add, self, (a, -_as_tensor(b)))
+
+    def mul(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+        """a * b, computed exactly and rounded once."""
+        return _launch(arith.mul, self, (a, b))
+
+    def div(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+        """a / b, correctly rounded; division by zero gives NaR."""
+        return _launch(arith.div, self, (a, b))
+
+    def sqrt(self, a: TensorLike) -> torch.Tensor:
+        """Square root, correctly rounded; negative inputs give NaR."""
+        return _launch(arith.sqrt, self, (a,))
+
+    def fma(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
+        """a * b + c with a single rounding."""
+        return _launch(arith.fused_multiply_add, self, (a, b, c))
+
+    def neg(self, a: TensorLike) -> torch.Tensor:
+        """-a (exact for posit inputs; other inputs are rounded)."""
+        return self.round(-_as_tensor(a))
+
+    def abs(self, a: TensorLike) -> torch.Tensor:
+        """|a| (exact for posit inputs; other inputs are rounded)."""
+        return self.round(_as_tensor(a).abs())
+
+    # Faithful, not correctly rounded: evaluated in float64, then rounded once (as PositNN).
+    def exp(self, a: TensorLike) -> torch.Tensor:
+        """exp(a) evaluated in float64, then rounded: faithful, not correctly rounded."""
+        return self._via_float64(torch.exp, a)
+
+    def log(self, a: TensorLike) -> torch.Tensor:
+        """log(a) evaluated in float64, then rounded (log(0) is NaR): faithful."""
+        return self._via_float64(lambda t: torch.where(t == 0, torch.nan, torch.log(t)), a)
+
+    def sigmoid(self, a: TensorLike) -> torch.Tensor:
+        """sigmoid(a) evaluated in float64, then rounded: faithful."""
+        return self._via_float64(torch.sigmoid, a)
+
+    def tanh(self, a: TensorLike) -> torch.Tensor:
+        """tanh(a) evaluated in float64, then rounded: faithful."""
+        return self._via_float64(torch.tanh, a)
+
+    def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike) -> torch.Tensor:
+        return self.round(fn(_as_tensor(a).double()))
+
+
+def _describe(x: object) -> str:
+    return f"tensor of dtype {x.dtype}" if isinstance(x, torch.Tensor) else f"{type(x).__name__}"
+
+
+def _check_float(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {_describe(x)}"
+        )
+    return x
+
+
+def _as_tensor(x: TensorLike) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return _check_float(x, "operand")
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return torch.tensor(float(x), dtype=torch.float64)
+    raise TypeError(f"operands must be floating-point tensors or Python numbers, got {_describe(x)}")
+
+
+def _gen_device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def _host_flat(t: torch.Tensor, float64: bool = False):
+    """A contiguous 1-D numpy view (or copy) of ``t`` on the host, in a kernel dtype."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if float64 and t.dtype != torch.float64:
+        t = t.double()
+    elif t.dtype in (torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.contiguous().view(-1).numpy()
+
+
+def _launch(kernel, fmt: Posit, operands, underflow: bool = False, *, cast_inputs: bool = True, pass_underflow: bool = True) -> torch.Tensor:
+    """Broadcast the operands, run ``kernel`` over them into a new ``fmt.dtype`` tensor."""
+    tensors = [_as_tensor(t) if cast_inputs else t for t in operands]
+    device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
+    if len(tensors) > 1:
+        tensors = torch.broadcast_tensors(*tensors)
+    arrays = [_host_flat(t, float64=cast_inputs) for t in tensors]
+    out = torch.empty(tensors[0].shape, dtype=fmt.dtype)
+    args = (*arrays, out.view(-1).numpy(), fmt.nbits, fmt.es)
+    kernel(*args, underflow) if pass_underflow else kernel(*args)
+    return out if device.type == "cpu" else out.to(device)

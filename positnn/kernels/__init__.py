@@ -1,0 +1,1 @@
+"""Fused element-wise numba kernels (compiled lazily, at first call)."""
