@@ -1,0 +1,189 @@
+"""Exact accumulation: multi-limb fixed-point integers, rounded once to a posit.
+
+A limb array holds sum(limbs[l] * 2**(LIMB * l)) in units of 2**lsb. Terms are added as
+integers at a bit offset, so nothing is ever rounded; ``round_limbs`` then reads the top
+60 bits, a faithful float64 and the sign of what lies below, which is all that
+``round_value`` needs to round once, correctly.
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .arith import DBL_MAX, TINY, _product, two_sum
+from .bits import f64_as_i64, i64_as_f64
+from .rounding import MANT_MASK, round_value
+
+LIMB = 20
+LIMB_MASK = (1 << LIMB) - 1
+
+
+@njit(inline="always")
+def pow2(k):
+    """2.0 ** k for -1022 <= k <= 1023, built from its bits (exact)."""
+    return i64_as_f64((k + 1023) << 52)
+
+
+@njit(inline="always")
+def add_int(limbs, off, v):
+    """limbs += v * 2**off, for |v| < 2**60 and off >= 0 (no normalisation)."""
+    q = off // LIMB
+    r = off - q * LIMB
+    m = -v if v < 0 else v
+    s = -1 if v < 0 else 1
+    limbs[q] += s * ((m & LIMB_MASK) << r)
+    limbs[q + 1] += s * (((m >> LIMB) & LIMB_MASK) << r)
+    limbs[q + 2] += s * ((m >> (2 * LIMB)) << r)
+
+
+@njit(inline="always")
+def float_parts(x):
+    """x = mant * 2**exp with an integer mant (|mant| < 2**53), for finite x."""
+    u = f64_as_i64(x)
+    biased = (u >> 52) & 0x7FF
+    mant = (u & MANT_MASK) | ((1 << 52) if biased > 0 else 0)
+    exp = (biased if biased > 0 else 1) - 1075
+    return (-mant if u < 0 else mant), exp
+
+
+@njit(inline="always")
+def normalize(limbs, nl):
+    """Carry-propagate so that limbs[0..nl-2] are digits in [0, 2**LIMB); the top limb is signed."""
+    carry = 0
+    for l in range(nl - 1):
+        x = limbs[l] + carry
+        limbs[l] = x & LIMB_MASK
+        carry = x >> LIMB
+    limbs[nl - 1] += carry
+
+
+@njit(inline="always")
+def _scale(h, e):
+    """h * 2**e for 1 <= h < 2**61, saturating far outside every posit range."""
+    top = e + 61
+    if top > 1000:
+        return DBL_MAX
+    if top < -1000:
+        return TINY
+    half = e // 2
+    return h * pow2(half) * pow2(e - half)
+
+
+@njit
+def round_limbs(limbs, nl, lsb, n, es, underflow):
+    """The posit nearest to the limb integer times 2**lsb. Destroys ``limbs``."""
+    normalize(limbs, nl)
+    neg = limbs[nl - 1] < 0
+    if neg:
+        for l in range(nl):
+            limbs[l] = -limbs[l]
+        normalize(limbs, nl)
+    t = nl - 1
+    while t >= 0 and limbs[t] == 0:
+        t -= 1
+    if t < 0:
+        return 0.0
+    x = limbs[t] << (2 * LIMB)
+    if t >= 1:
+        x += limbs[t - 1] << LIMB
+    if t >= 2:
+        x += limbs[t - 2]
+    sticky = False
+    for l in range(t - 2):
+        sticky |= limbs[l] != 0
+    h0 = np.float64(x)
+    d = x - np.int64(h0)
+    tie = 1.0 if d > 0 else (-1.0 if d < 0 else (1.0 if sticky else 0.0))
+    h = _scale(h0, lsb + LIMB * (t - 2))
+    if neg:
+        h, tie = -h, -tie
+    return round_value(h, tie, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
+def round_gemm(G, P, Q, levels_a, levels_b, e, f, w, bias, out, n, es, underflow):
+    """out[b, i, j] = round(sum_pq G_pq[b,i,j] 2**(e[b,i] + f[b,j] - w(2 + la_p + lb_q)) + bias[j]).
+
+    G is (B, P*M, Q*N): the exact integer GEMMs of every pair of row slices (p) and column
+    slices (q). ``bias`` has length N, or 0 for no bias.
+    """
+    nb, M, N = out.shape
+    has_bias = bias.size > 0
+    lmax = levels_a[P - 1] + levels_b[Q - 1]
+    for bi in prange(nb * M):
+        b = bi // M
+        i = bi - b * M
+        # Worst case span: the slice levels, 2w + 64 bits of GEMM, 53 + 2048 of the bias.
+        limbs = np.zeros((w * (lmax + 2) + 2300) // LIMB + 8, dtype=np.int64)
+        for j in range(N):
+            unit = e[b, i] + f[b, j] - w * (2 + lmax)  # exponent of the lowest slice pair
+            bv = bias[j] if has_bias else 0.0
+            single = (P == 1) & (Q == 1) & (unit > -1000) & (unit + 2 * w + 64 < 1000)
+            if single:
+                x = G[b, i, j] * pow2(unit)  # exact: an integer below 2**53 times 2**unit
+                s, err = two_sum(x, bv)
+                out[b, i, j] = round_value(s, err, n, es, underflow)
+                continue
+            bm, bexp = float_parts(bv)
+            lsb = min(unit, bexp) if bm != 0 else unit
+            nl = (max(unit + w * (lmax + 2) + 64, bexp + 54) - lsb) // LIMB + 4
+            limbs[:nl] = 0
+            for p in range(P):
+                for q in range(Q):
+                    g = np.int64(G[b, p * M + i, q * N + j])
+                    if g != 0:
+                        add_int(limbs, unit - lsb + w * (lmax - levels_a[p] - levels_b[q]), g)
+            if bm != 0:
+                add_int(limbs, bexp - lsb, bm)
+            out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
+def quire_add(limbs, terms, lsb):
+    """Add float terms (exact multiples of 2**lsb) into per-element limb rows; returns how
+    many terms were not multiples of 2**lsb or too large for the rows (those are skipped)."""
+    bad = 0
+    nl = limbs.shape[1]
+    for i in prange(terms.size):
+        t = terms[i]
+        if t == 0 or not math.isfinite(t):
+            continue
+        m, ex = float_parts(t)
+        tz = 0
+        while (m >> tz) & 1 == 0:
+            tz += 1
+        if ex + tz < lsb or ex - lsb + 64 > (nl - 3) * LIMB:
+            bad += 1
+            continue
+        row = limbs[i]
+        add_int(row, ex - lsb, m)
+        normalize(row, nl)
+    return bad
+
+
+@njit(parallel=True, cache=True)
+def quire_round(limbs, lsb, out, n, es, underflow):
+    nl = limbs.shape[1]
+    for i in prange(out.size):
+        scratch = limbs[i].copy()
+        out[i] = round_limbs(scratch, nl, lsb, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
+def sequential_dot(A, B, bias, out, n, es, underflow):
+    """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k."""
+    nb, M, N = out.shape
+    K = A.shape[2]
+    has_bias = bias.size > 0
+    for bi in prange(nb * M):
+        b = bi // M
+        i = bi - b * M
+        for j in range(N):
+            acc = round_value(bias[j], 0.0, n, es, underflow) if has_bias else 0.0
+            for k in range(K):
+                p, pe = _product(A[b, i, k], B[b, k, j])
+                prod = round_value(p, pe, n, es, underflow)
+                s, err = two_sum(acc, prod)
+                acc = round_value(s, err, n, es, underflow)
+            out[b, i, j] = acc
