@@ -346,6 +346,8 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.numeric", "_frombuffer"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Python 3 writes bytes this way at pickle protocol 2 (re-pickled batches).
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> Any:

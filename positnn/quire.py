@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .format import Posit
 from .kernels import accumulate as acc
+from .kernels import slicing
 
 MODES = ("exact", "none", "float32", "float64")
 # Exact mode handles operand magnitudes in [2**-MAX_BINADE, 2**MAX_BINADE]: every posit of
@@ -47,68 +48,50 @@ def _check_operand(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _slices(x: torch.Tensor, w: int, name: str) -> tuple[list[torch.Tensor], list[int], torch.Tensor]:
-    """Split the rows of x (float64, finite) exactly: x = 2**(e - w) * sum_j S_j 2**(-w j).
+def _split(x: torch.Tensor, w: int, name: str) -> torch.Tensor:
+    """Rows of x (B, R, K) as exact slices (S, B, R, K) of at most w bits each.
 
-    Returns the nonzero slices, their levels j, and the row exponents e (|x| < 2**e).
+    S = 1 (no copy) when every row already spans at most w bits.
     """
-    amax = x.abs().amax(-1, keepdim=True)
-    if x.numel() and amax.max() >= 2.0**MAX_BINADE:
-        raise ValueError(f"{name} has magnitudes >= 2**{MAX_BINADE}; the exact quire supports [2**-{MAX_BINADE}, 2**{MAX_BINADE})")
-    nonzero = x[x != 0]
-    if nonzero.numel() and nonzero.abs().min() < 2.0**-MAX_BINADE:
-        raise ValueError(f"{name} has nonzero magnitudes < 2**-{MAX_BINADE}; the exact quire supports [2**-{MAX_BINADE}, 2**{MAX_BINADE})")
-    e = torch.frexp(amax).exponent
-    rest = x * _pow2(w - e)
-    slices, levels, level = [], [], 0
-    while True:
-        s = torch.trunc(rest)
-        if s.any():
-            slices.append(s)
-            levels.append(level)
-        rest = (rest - s) * 2.0**w
-        level += 1
-        if not rest.any():
-            break
-    if not slices:  # all zero: one zero slice keeps the shapes simple
-        slices, levels = [torch.zeros_like(x)], [0]
-    return slices, levels, e.squeeze(-1).to(torch.int64)
-
-
-def _pow2(k: torch.Tensor) -> torch.Tensor:
-    """Exact float64 powers of two for integer tensors k (|k| <= 1022)."""
-    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
-
-
-def _nar_free(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x with NaR replaced by 0, mask of NaR)."""
-    bad = ~torch.isfinite(x)
-    return torch.where(bad, torch.zeros((), dtype=x.dtype), x), bad
+    flat = x.reshape(-1, x.shape[-1])
+    top = torch.empty(flat.shape[0], dtype=torch.int64)
+    low = torch.empty(flat.shape[0], dtype=torch.int64)
+    slicing.row_spans(flat.numpy(), top.numpy(), low.numpy())
+    finite_rows = top > -slicing.NO_BITS
+    if finite_rows.any():
+        if top.max() > MAX_BINADE or low[low < slicing.NO_BITS].min() < -MAX_BINADE - 30:
+            raise ValueError(
+                f"{name} has magnitudes outside [2**-{MAX_BINADE}, 2**{MAX_BINADE}], the range of the exact quire"
+            )
+    span = torch.where(finite_rows & (low < slicing.NO_BITS), top - low, 0)
+    S = max(1, -(-int(span.max()) // w)) if span.numel() else 1
+    if S == 1:
+        return flat.to(torch.float64).view(1, *x.shape)
+    out = torch.empty((S, *flat.shape), dtype=torch.float64)
+    slicing.split_rows(flat.numpy(), top.numpy(), w, out.numpy())
+    nonzero = out.reshape(S, -1).any(dim=1)
+    nonzero[0] = True
+    return out[nonzero].view(-1, *x.shape)
 
 
 def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor:
-    """a (B, M, K) @ b (B, K, N) + bias (N,), float64 in, exact, rounded once."""
+    """a (B, M, K) @ b (B, K, N) + bias (N,), exact, rounded once."""
     nb, M, K = a.shape
     N = b.shape[-1]
-    a, a_nar = _nar_free(a)
-    bt, b_nar = _nar_free(b.transpose(-1, -2))
     w = (53 - math.ceil(math.log2(max(K, 1)))) // 2
-    sa, la, e = _slices(a, w, "a")
-    sb, lb, f = _slices(bt, w, "b")
-    G = torch.matmul(torch.cat(sa, dim=-2), torch.cat(sb, dim=-2).transpose(-1, -2))
+    sa = _split(a.contiguous(), w, "a")  # (P, B, M, K)
+    sb = _split(b.transpose(-1, -2).contiguous(), w, "b")  # (Q, B, N, K)
+    P, Q = sa.shape[0], sb.shape[0]
+    lhs = sa.permute(1, 0, 2, 3).reshape(nb, P * M, K)
+    rhs = sb.permute(1, 0, 2, 3).reshape(nb, Q * N, K).transpose(-1, -2)
+    G = torch.matmul(lhs, rhs)  # every entry exact: at most 2w + log2(K) <= 53 bits
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
-    if bias is None:
-        bias_v = torch.empty(0, dtype=torch.float64)
-        bias_nar = torch.zeros(N, dtype=torch.bool)
+    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
+    if P == Q == 1:
+        acc.round_sum(G.numpy(), bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
     else:
-        bias_v, bias_nar = _nar_free(bias.reshape(N))
-    acc.round_gemm(
-        G.contiguous().numpy(), len(sa), len(sb), torch.tensor(la).numpy(), torch.tensor(lb).numpy(),
-        e.contiguous().numpy(), f.contiguous().numpy(), w, bias_v.contiguous().numpy(),
-        out.numpy(), fmt.nbits, fmt.es, underflow,
-    )
-    nar = a_nar.any(-1).unsqueeze(-1) | b_nar.any(-1).unsqueeze(-2) | bias_nar
-    return out.masked_fill_(nar, math.nan) if nar.any() else out
+        acc.round_terms(G.numpy(), P, Q, bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
+    return out
 
 
 def matmul(
@@ -143,8 +126,8 @@ def matmul(
         raise ValueError(f"bias must have {N} elements (one per output column), got shape {tuple(bias.shape)}")
     batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     M, K = a2.shape[-2:]
-    a3 = a2.detach().cpu().double().expand(*batch, M, K).reshape(-1, M, K)
-    b3 = b2.detach().cpu().double().expand(*batch, K, N).reshape(-1, K, N)
+    a3 = _host(a2).expand(*batch, M, K).reshape(-1, M, K)
+    b3 = _host(b2).expand(*batch, K, N).reshape(-1, K, N)
     bias64 = None if bias is None else bias.detach().cpu().double().reshape(N)
 
     if mode == "exact":
@@ -153,7 +136,7 @@ def matmul(
         out = torch.empty((a3.shape[0], M, N), dtype=fmt.dtype)
         no_bias = torch.empty(0, dtype=torch.float64)
         acc.sequential_dot(
-            a3.contiguous().numpy(), b3.contiguous().numpy(),
+            a3.double().contiguous().numpy(), b3.double().contiguous().numpy(),
             (no_bias if bias64 is None else bias64).contiguous().numpy(), out.numpy(), fmt.nbits, fmt.es, underflow,
         )
     else:
@@ -190,6 +173,12 @@ def sum(x: torch.Tensor, dim: int, fmt: Posit, keepdim: bool = False, *, mode: s
     ones = torch.ones(moved.shape[-1], 1, dtype=torch.float64)
     out = matmul(moved, ones, fmt, mode=mode, underflow=underflow).squeeze(-1)
     return out.unsqueeze(dim) if keepdim else out
+
+
+def _host(x: torch.Tensor) -> torch.Tensor:
+    """x on the CPU as float32 or float64 (both exact for the kernels)."""
+    x = x.detach().cpu()
+    return x if x.dtype in (torch.float32, torch.float64) else x.double()
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

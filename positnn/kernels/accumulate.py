@@ -102,40 +102,61 @@ def round_limbs(limbs, nl, lsb, n, es, underflow):
 
 
 @njit(parallel=True, cache=True)
-def round_gemm(G, P, Q, levels_a, levels_b, e, f, w, bias, out, n, es, underflow):
-    """out[b, i, j] = round(sum_pq G_pq[b,i,j] 2**(e[b,i] + f[b,j] - w(2 + la_p + lb_q)) + bias[j]).
-
-    G is (B, P*M, Q*N): the exact integer GEMMs of every pair of row slices (p) and column
-    slices (q). ``bias`` has length N, or 0 for no bias.
-    """
+def round_sum(G, bias, out, n, es, underflow):
+    """out = round(G + bias) for exact float64 G (one slice pair): TwoSum is exact."""
     nb, M, N = out.shape
     has_bias = bias.size > 0
-    lmax = levels_a[P - 1] + levels_b[Q - 1]
     for bi in prange(nb * M):
         b = bi // M
         i = bi - b * M
-        # Worst case span: the slice levels, 2w + 64 bits of GEMM, 53 + 2048 of the bias.
-        limbs = np.zeros((w * (lmax + 2) + 2300) // LIMB + 8, dtype=np.int64)
         for j in range(N):
-            unit = e[b, i] + f[b, j] - w * (2 + lmax)  # exponent of the lowest slice pair
-            bv = bias[j] if has_bias else 0.0
-            single = (P == 1) & (Q == 1) & (unit > -1000) & (unit + 2 * w + 64 < 1000)
-            if single:
-                x = G[b, i, j] * pow2(unit)  # exact: an integer below 2**53 times 2**unit
-                s, err = two_sum(x, bv)
-                out[b, i, j] = round_value(s, err, n, es, underflow)
+            s, err = two_sum(G[b, i, j], bias[j] if has_bias else 0.0)
+            out[b, i, j] = round_value(s, err, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
+def round_terms(G, P, Q, bias, out, n, es, underflow):
+    """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
+
+    The terms are exact float64 slice-GEMM results; they are added as integers into limbs.
+    """
+    nb, M, N = out.shape
+    has_bias = bias.size > 0
+    T = P * Q + 1
+    for bi in prange(nb * M):
+        b = bi // M
+        i = bi - b * M
+        mants = np.empty(T, dtype=np.int64)
+        exps = np.empty(T, dtype=np.int64)
+        limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+        for j in range(N):
+            finite = True
+            lsb = 1 << 30
+            top = -(1 << 30)
+            for t in range(T):
+                if t < P * Q:
+                    p = t // Q
+                    v = G[b, p * M + i, (t - p * Q) * N + j]
+                else:
+                    v = bias[j] if has_bias else 0.0
+                finite &= np.isfinite(v)
+                m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
+                mants[t] = m
+                exps[t] = ex
+                if m != 0:
+                    lsb = min(lsb, ex)
+                    top = max(top, ex + 53)
+            if not finite:
+                out[b, i, j] = np.nan
                 continue
-            bm, bexp = float_parts(bv)
-            lsb = min(unit, bexp) if bm != 0 else unit
-            nl = (max(unit + w * (lmax + 2) + 64, bexp + 54) - lsb) // LIMB + 4
+            if top < lsb:  # every term is zero
+                out[b, i, j] = 0.0
+                continue
+            nl = (top - lsb + 16) // LIMB + 4
             limbs[:nl] = 0
-            for p in range(P):
-                for q in range(Q):
-                    g = np.int64(G[b, p * M + i, q * N + j])
-                    if g != 0:
-                        add_int(limbs, unit - lsb + w * (lmax - levels_a[p] - levels_b[q]), g)
-            if bm != 0:
-                add_int(limbs, bexp - lsb, bm)
+            for t in range(T):
+                if mants[t] != 0:
+                    add_int(limbs, exps[t] - lsb, mants[t])
             out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)
 
 

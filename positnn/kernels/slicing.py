@@ -1,0 +1,72 @@
+"""Error-free splitting of matrix rows into narrow slices (the Ozaki scheme).
+
+A row whose nonzero entries all lie within ``w`` bits below its largest exponent gives an
+exact float64 GEMM as it is. Wider rows are cut at bit positions e - w, e - 2w, ...
+(e: the row's exponent), by clearing mantissa bits, which is exact and needs no scaling.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .bits import f64_as_i64, i64_as_f64
+from .rounding import MANT_MASK
+
+NO_BITS = 1 << 30  # "lowest set bit" of an all-zero row
+
+
+@njit(parallel=True, cache=True)
+def row_spans(x, top, low):
+    """top[r]: exponent e with max|x[r]| < 2**e; low[r]: exponent of the lowest set bit.
+
+    Non-finite entries (NaR) are skipped: they propagate through the GEMM by themselves.
+    Returns the largest |value| exponent seen (for the range check).
+    """
+    R, K = x.shape
+    for r in prange(R):
+        hi = -NO_BITS
+        lo = NO_BITS
+        for k in range(K):
+            u = f64_as_i64(np.float64(x[r, k]))
+            biased = (u >> 52) & 0x7FF
+            m = u & MANT_MASK
+            ok = (biased > 0) & (biased < 0x7FF)
+            tz = 52
+            if m != 0:
+                tz = 0
+                while (m >> tz) & 1 == 0:
+                    tz += 1
+            e = biased - 1023
+            hi = max(hi, e + 1) if ok else hi
+            lo = min(lo, e - 52 + tz) if ok else lo
+        top[r] = hi
+        low[r] = lo
+
+
+@njit(inline="always")
+def _truncate_at(v, p):
+    """v with every bit below 2**p cleared (exact; v finite and normal or zero)."""
+    u = f64_as_i64(v)
+    e = ((u >> 52) & 0x7FF) - 1023
+    keep = e - p + 1  # significand bits at or above 2**p
+    drop = min(max(53 - keep, 0), 53)
+    cleared = u & ~((np.int64(1) << drop) - 1) if drop < 53 else u & (np.int64(1) << 63)
+    return i64_as_f64(cleared)
+
+
+@njit(parallel=True, cache=True)
+def split_rows(x, top, w, out):
+    """out[s, r, :] = bits of x[r, :] in [top[r] - w(s+1), top[r] - ws); sum over s is x[r]."""
+    S = out.shape[0]
+    R, K = x.shape
+    for r in prange(R):
+        for k in range(K):
+            rest = np.float64(x[r, k])
+            if not np.isfinite(rest):
+                out[0, r, k] = rest
+                for s in range(1, S):
+                    out[s, r, k] = 0.0
+                continue
+            for s in range(S):
+                t = _truncate_at(rest, top[r] - w * (s + 1))
+                out[s, r, k] = t
+                rest = rest - t
