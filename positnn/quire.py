@@ -48,43 +48,64 @@ def _check_operand(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _split(x: torch.Tensor, w: int, name: str) -> torch.Tensor:
-    """Rows of x (B, R, K) as exact slices (S, B, R, K) of at most w bits each.
-
-    S = 1 (no copy) when every row already spans at most w bits.
-    """
-    flat = x.reshape(-1, x.shape[-1])
+def _scan(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Rows of x (B, R, K) as float64, their top exponents, and the widest row span in bits."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
     top = torch.empty(flat.shape[0], dtype=torch.int64)
     low = torch.empty(flat.shape[0], dtype=torch.int64)
-    slicing.row_spans(flat.numpy(), top.numpy(), low.numpy())
-    finite_rows = top > -slicing.NO_BITS
-    if finite_rows.any():
-        if top.max() > MAX_BINADE or low[low < slicing.NO_BITS].min() < -MAX_BINADE - 30:
-            raise ValueError(
-                f"{name} has magnitudes outside [2**-{MAX_BINADE}, 2**{MAX_BINADE}], the range of the exact quire"
-            )
-    span = torch.where(finite_rows & (low < slicing.NO_BITS), top - low, 0)
-    S = max(1, -(-int(span.max()) // w)) if span.numel() else 1
+    copy = flat if flat.dtype == torch.float64 else torch.empty(flat.shape, dtype=torch.float64)
+    slicing.scan_rows(flat.numpy(), top.numpy(), low.numpy(), copy.numpy(), copy is not flat)
+    used = low < slicing.NO_BITS
+    if not used.any():
+        return copy.view(x.shape), top, 0
+    if top.max() > MAX_BINADE or low[used].min() < -MAX_BINADE - 30:
+        raise ValueError(f"{name} has magnitudes outside [2**-{MAX_BINADE}, 2**{MAX_BINADE}], the range of the exact quire")
+    return copy.view(x.shape), top, int((top - low)[used].max())
+
+
+def _widths(span_a: int, span_b: int, budget: int) -> tuple[int, int]:
+    """Slice widths (wa, wb) with wa + wb <= budget bits, fewest slice GEMMs first."""
+    if span_a + span_b <= budget:
+        return max(span_a, 1), max(span_b, 1)
+    best = None
+    for wa in range(1, budget):
+        wb = budget - wa
+        cost = (-(-span_a // wa)) * (-(-span_b // wb))
+        if best is None or cost < best[0]:
+            best = (cost, wa, wb)
+    return best[1], best[2]
+
+
+def _slices(x: torch.Tensor, top: torch.Tensor, span: int, w: int) -> torch.Tensor:
+    """x (B, R, K) float64 as exact slices (S, B, R, K) of at most w bits below each row's top."""
+    S = max(1, -(-span // w))
     if S == 1:
-        return flat.to(torch.float64).view(1, *x.shape)
-    out = torch.empty((S, *flat.shape), dtype=torch.float64)
-    slicing.split_rows(flat.numpy(), top.numpy(), w, out.numpy())
+        return x.unsqueeze(0)
+    out = torch.empty((S, *x.shape), dtype=torch.float64)
+    slicing.split_rows(x.reshape(-1, x.shape[-1]).numpy(), top.numpy(), w, out.view(S, -1, x.shape[-1]).numpy())
     nonzero = out.reshape(S, -1).any(dim=1)
     nonzero[0] = True
-    return out[nonzero].view(-1, *x.shape)
+    return out[nonzero]
 
 
 def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor:
-    """a (B, M, K) @ b (B, K, N) + bias (N,), exact, rounded once."""
+    """a (B, M, K) @ b (B, K, N) + bias (N,), exact, rounded once.
+
+    A float64 GEMM is exact when every row of a spans sa bits, every column of b spans sb
+    bits and sa + sb + ceil(log2 K) <= 53: all partial sums are then multiples of the
+    smallest product unit below 2**53 of them. Wider operands are sliced to fit.
+    """
     nb, M, K = a.shape
     N = b.shape[-1]
-    w = (53 - math.ceil(math.log2(max(K, 1)))) // 2
-    sa = _split(a.contiguous(), w, "a")  # (P, B, M, K)
-    sb = _split(b.transpose(-1, -2).contiguous(), w, "b")  # (Q, B, N, K)
+    a64, top_a, span_a = _scan(a, "a")
+    bt64, top_b, span_b = _scan(b.transpose(-1, -2), "b")
+    wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))))
+    sa = _slices(a64, top_a, span_a, wa)  # (P, B, M, K)
+    sb = _slices(bt64, top_b, span_b, wb)  # (Q, B, N, K)
     P, Q = sa.shape[0], sb.shape[0]
     lhs = sa.permute(1, 0, 2, 3).reshape(nb, P * M, K)
     rhs = sb.permute(1, 0, 2, 3).reshape(nb, Q * N, K).transpose(-1, -2)
-    G = torch.matmul(lhs, rhs)  # every entry exact: at most 2w + log2(K) <= 53 bits
+    G = torch.matmul(lhs, rhs)
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
     bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
     if P == Q == 1:

@@ -15,29 +15,27 @@ NO_BITS = 1 << 30  # "lowest set bit" of an all-zero row
 
 
 @njit(parallel=True, cache=True)
-def row_spans(x, top, low):
-    """top[r]: exponent e with max|x[r]| < 2**e; low[r]: exponent of the lowest set bit.
+def scan_rows(x, top, low, copy, write_copy):
+    """Per row r: top[r] = e with max|x[r]| < 2**e, low[r] = exponent of the lowest set bit.
 
+    With ``write_copy`` the rows are also copied into ``copy`` as float64 in the same pass.
     Non-finite entries (NaR) are skipped: they propagate through the GEMM by themselves.
-    Returns the largest |value| exponent seen (for the range check).
     """
     R, K = x.shape
     for r in prange(R):
         hi = -NO_BITS
         lo = NO_BITS
         for k in range(K):
-            u = f64_as_i64(np.float64(x[r, k]))
+            v = np.float64(x[r, k])
+            if write_copy:
+                copy[r, k] = v
+            u = f64_as_i64(v)
             biased = (u >> 52) & 0x7FF
-            m = u & MANT_MASK
+            m = (u & MANT_MASK) | (np.int64(1) << 52)
+            tz = (f64_as_i64(np.float64(m & -m)) >> 52) - 1023  # trailing zeros of m
             ok = (biased > 0) & (biased < 0x7FF)
-            tz = 52
-            if m != 0:
-                tz = 0
-                while (m >> tz) & 1 == 0:
-                    tz += 1
-            e = biased - 1023
-            hi = max(hi, e + 1) if ok else hi
-            lo = min(lo, e - 52 + tz) if ok else lo
+            hi = max(hi, biased - 1022) if ok else hi
+            lo = min(lo, biased - 1075 + tz) if ok else lo
         top[r] = hi
         low[r] = lo
 

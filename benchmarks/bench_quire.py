@@ -1,0 +1,109 @@
+"""Price of exactness: quire.matmul(mode="exact") against fake quantisation
+(fmt.round(torch.matmul(a32, b32))) and bare float32 torch.matmul, on the GEMMs that
+LeNet-5 and CifarNet training issue at batch 64 (forward, input error, weight gradient;
+convolutions via unfold). Timings are medians; compare the ratios, measured in one run.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from positnn import Posit, quire
+from positnn.quire import _scan, _widths
+
+# (name, M, K, N, role of a, role of b): a (M, K) @ b (K, N)
+LENET = [
+    ("conv1 fwd", 64 * 784, 25, 6, "act", "weight"),
+    ("conv1 grad_w", 6, 64 * 784, 25, "grad", "act"),
+    ("conv2 fwd", 64 * 100, 150, 16, "act", "weight"),
+    ("conv2 grad_in", 64 * 196, 400, 6, "grad", "weight"),
+    ("conv2 grad_w", 16, 64 * 100, 150, "grad", "act"),
+    ("conv3 fwd", 64, 400, 120, "act", "weight"),
+    ("conv3 grad_in", 64 * 25, 3000, 16, "grad", "weight"),
+    ("conv3 grad_w", 120, 64, 400, "grad", "act"),
+    ("fc1 fwd", 64, 120, 84, "act", "weight"),
+    ("fc1 grad_in", 64, 84, 120, "grad", "weight"),
+    ("fc1 grad_w", 84, 64, 120, "grad", "act"),
+    ("fc2 fwd", 64, 84, 10, "act", "weight"),
+    ("fc2 grad_in", 64, 10, 84, "grad", "weight"),
+    ("fc2 grad_w", 10, 64, 84, "grad", "act"),
+]
+CIFARNET = [
+    ("conv1 fwd", 64 * 1024, 75, 8, "act", "weight"),
+    ("conv1 grad_w", 8, 64 * 1024, 75, "grad", "act"),
+    ("conv2 fwd", 64 * 256, 200, 16, "act", "weight"),
+    ("conv2 grad_in", 64 * 256, 400, 8, "grad", "weight"),
+    ("conv2 grad_w", 16, 64 * 256, 200, "grad", "act"),
+    ("fc1 fwd", 64, 1024, 384, "act", "weight"),
+    ("fc1 grad_in", 64, 384, 1024, "grad", "weight"),
+    ("fc1 grad_w", 384, 64, 1024, "grad", "act"),
+    ("fc2 fwd", 64, 384, 192, "act", "weight"),
+    ("fc2 grad_in", 64, 192, 384, "grad", "weight"),
+    ("fc2 grad_w", 192, 64, 384, "grad", "act"),
+    ("fc3 fwd", 64, 192, 10, "act", "weight"),
+    ("fc3 grad_in", 64, 10, 192, "grad", "weight"),
+    ("fc3 grad_w", 10, 64, 192, "grad", "act"),
+]
+FORMATS = [Posit(8, 0), Posit(8, 1), Posit(8, 2), Posit(16, 1), Posit(16, 2), Posit(32, 2)]
+
+
+def draw(role: str, shape: tuple[int, int], fan_in: int, g: torch.Generator) -> torch.Tensor:
+    """Values drawn like real tensors, spread over several binades."""
+    x = torch.randn(shape, generator=g)
+    if role == "act":  # ReLU outputs: half zeros, the rest log-spread around 1
+        return torch.relu(x) * torch.exp2(torch.randn(shape, generator=g) * 1.5)
+    if role == "weight":
+        return (torch.rand(shape, generator=g) * 2 - 1) / fan_in**0.5
+    return x * 1e-3 * torch.exp2(torch.randn(shape, generator=g) * 2)  # gradients
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def slice_gemms(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many float64 slice GEMMs the exact product needs (P * Q)."""
+    span_a = _scan(a.unsqueeze(0), "a")[2]
+    span_b = _scan(b.t().unsqueeze(0), "b")[2]
+    wa, wb = _widths(span_a, span_b, 53 - max(b.shape[0] - 1, 0).bit_length())
+    return max(1, -(-span_a // wa)) * max(1, -(-span_b // wb))
+
+
+def run(net: str, shapes, fmt: Posit, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    tot = {"exact": 0.0, "fake": 0.0, "f32": 0.0}
+    gemms = []
+    for name, M, K, N, ra, rb in shapes:
+        a = fmt.round(draw(ra, (M, K), K, g)).float()
+        b = fmt.round(draw(rb, (K, N), K, g)).float()
+        tot["exact"] += median_seconds(lambda: quire.matmul(a, b, fmt), repeats)
+        tot["fake"] += median_seconds(lambda: fmt.round(torch.matmul(a, b)), repeats)
+        tot["f32"] += median_seconds(lambda: torch.matmul(a, b), repeats)
+        gemms.append(slice_gemms(a, b))
+    print(
+        f"{net:9} {str(fmt):12} exact {tot['exact'] * 1e3:8.1f} ms  fake-quant {tot['fake'] * 1e3:7.1f} ms  "
+        f"float32 {tot['f32'] * 1e3:6.1f} ms  exact/fake {tot['exact'] / tot['fake']:5.2f}  "
+        f"exact/f32 {tot['exact'] / tot['f32']:6.1f}  float64 GEMMs per shape {gemms}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sums over each network's GEMMs, medians of {args.repeats}")
+    for net, shapes in (("LeNet-5", LENET), ("CifarNet", CIFARNET)):
+        for fmt in FORMATS:
+            run(net, shapes, fmt, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
