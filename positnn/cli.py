@@ -1,0 +1,205 @@
+"""The ``positnn`` command: train, eval, quantize-eval, formats, plot, reproduce, data fetch."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from .format import Posit
+from .train import CHECKPOINT, TrainConfig
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (defaults: the paper's LeNet-5 / Fashion-MNIST / posit8-O16-L16q)")
+    defaults = TrainConfig.__dataclass_fields__
+    helps = {
+        "model": "lenet5, cifarnet or mlp", "dataset": "mnist, fashion-mnist, cifar10 or cifar100",
+        "policy": "a recipe (posit8-O16-L16q, posit(16,1), float32, ...), or a .toml policy file",
+        "subset": "train and test on the first N images only (quick looks)",
+        "lr_step": "halve (x lr-gamma) the learning rate every this many epochs",
+        "data_dir": "directory holding the data set files (searched first)",
+        "threads": "torch threads", "topk": "k of the top-k accuracy",
+    }
+    for f in fields(TrainConfig):
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=defaults[f.name].default,
+                       help=f"{helps.get(f.name, '')} (default: {defaults[f.name].default})")
+    p.add_argument("--out", help="run directory (default: runs/DATASET-MODEL-POLICY)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+
+
+def _cmd_train(args) -> int:
+    from .train import train
+
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    out = Path(args.out or f"runs/{cfg.dataset}-{cfg.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', cfg.policy)}")
+    if (out / CHECKPOINT).exists() and not args.resume:
+        print(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one", file=sys.stderr)
+        return 2
+    print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}")
+    try:
+        history = train(cfg, out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    if history:
+        print(f"final test top-1 {history[-1]['top1']:.2f}%; metrics in {out}/metrics.csv")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .data import load_dataset
+    from .train import evaluate, load_model
+
+    model, cfg = load_model(args.checkpoint)
+    test = load_dataset(args.dataset or cfg.dataset, "test", args.data_dir or cfg.data_dir)
+    r = evaluate(model, test, cfg.test_batch_size, cfg.topk)
+    print(f"{args.checkpoint}: {cfg.policy} on {test.name}: loss {r['loss']:.4f}  top-1 {r['top1']:.2f}%  "
+          f"top-{r['k']} {r['topk']:.2f}%")
+    return 0
+
+
+def _cmd_quantize_eval(args) -> int:
+    from .convert import convert
+    from .data import load_dataset
+    from .policy import Policy
+    from .report import markdown_table
+    from .train import evaluate, is_float, load_model
+
+    model, cfg = load_model(args.checkpoint)
+    if not is_float(cfg.policy):
+        print(f"error: quantize-eval takes a float32 checkpoint; {args.checkpoint} was trained with {cfg.policy}",
+              file=sys.stderr)
+        return 2
+    test = load_dataset(cfg.dataset, "test", args.data_dir or cfg.data_dir)
+    if args.subset:
+        import torch
+
+        test = torch.utils.data.TensorDataset(*(t[:args.subset] for t in test.tensors))
+    base = evaluate(model, test, cfg.test_batch_size, cfg.topk)["top1"]
+    rows = []
+    for nbits in args.nbits:
+        for es in args.es:
+            cells = []
+            for underflow in (False, True):
+                fmt = Posit(nbits, es)
+                pm = convert(copy.deepcopy(model), Policy(forward=fmt, backward=fmt, gradient=fmt, optimizer=fmt, loss=fmt,
+                                                        quire="exact", underflow=underflow))
+                cells.append(f"{evaluate(pm, test, cfg.test_batch_size, cfg.topk)['top1']:.2f}%")
+            rows.append([str(fmt), *cells])
+            print(f"{str(fmt):12} {cells[0]:>8} {cells[1]:>8}", flush=True)
+    text = f"float32: {base:.2f}%\n\n" + markdown_table(["format", "top-1", "top-1 with underflow"], rows)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text)
+    return 0
+
+
+def _cmd_formats(args) -> int:
+    from .report import markdown_table
+
+    rows = []
+    for n in args.nbits:
+        for es in args.es:
+            f = Posit(n, es)
+            rows.append([str(f), f"2^-{f.max_exponent}", f"2^{f.max_exponent}", str(f.max_significand_bits),
+                         str(f.dtype).replace("torch.", ""), str(f.storage_dtype).replace("torch.", ""), str(f.quire_bits)])
+    print(markdown_table(["format", "minpos", "maxpos", "significand bits", "carrier", "storage", "quire bits"], rows))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .report import plot_runs
+
+    print(plot_runs(args.runs, args.output))
+    return 0
+
+
+def _cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("subset", args.subset), ("data_dir", args.data_dir)) if v is not None}
+    if args.datasets and args.table == "table7":
+        overrides["datasets"] = args.datasets
+    print(reproduce(args.table, args.out, jobs=args.jobs, **overrides))
+    return 0
+
+
+def _cmd_fetch(args) -> int:
+    from .data import fetch
+
+    print(fetch(args.name, args.dest))
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    """"3..8" or "3,5,8" -> a list of ints."""
+    if ".." in text:
+        lo, hi = text.split("..")
+        return list(range(int(lo), int(hi) + 1))
+    return [int(t) for t in text.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="positnn", description="Deep learning in simulated posit arithmetic.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its test set")
+    p.add_argument("checkpoint")
+    p.add_argument("--dataset")
+    p.add_argument("--data-dir")
+
+    p = sub.add_parser("quantize-eval", help="post-training posit inference of a float32 checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--nbits", type=_ints, default=list(range(3, 9)), help="e.g. 3..8 (default) or 5,8")
+    p.add_argument("--es", type=_ints, default=[0, 1, 2], help="e.g. 0..2 (default)")
+    p.add_argument("--subset", type=int, help="first N test images only")
+    p.add_argument("--data-dir")
+    p.add_argument("--output", help="also write the Markdown table here")
+
+    p = sub.add_parser("formats", help="a table of posit format properties")
+    p.add_argument("--nbits", type=_ints, default=[8, 16, 32])
+    p.add_argument("--es", type=_ints, default=[0, 1, 2])
+
+    p = sub.add_parser("plot", help="accuracy and loss curves of runs on one PNG")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("-o", "--output", default="curves.png")
+
+    p = sub.add_parser("reproduce", help="run the paper's Table 4 or Table 7 (or a TOML list) and compare")
+    p.add_argument("table", help="table4, table7, or a .toml file of [runs.NAME] configs")
+    p.add_argument("--out", default="results")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--subset", type=int)
+    p.add_argument("--datasets", nargs="+", help="table7 only (default: mnist fashion-mnist)")
+    p.add_argument("--data-dir")
+
+    p = sub.add_parser("data", help="data set commands")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    f = dsub.add_parser("fetch", help="download a data set from its canonical source (needs network)")
+    f.add_argument("name")
+    f.add_argument("--dest", default=str(Path.home() / ".cache" / "positnn"))
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "quantize-eval": _cmd_quantize_eval, "formats": _cmd_formats,
+            "plot": _cmd_plot, "reproduce": _cmd_reproduce, "data": _cmd_fetch}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``positnn`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

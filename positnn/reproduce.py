@@ -1,0 +1,99 @@
+"""``positnn reproduce``: run the paper's table configurations and set ours beside theirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+from .report import PAPER_TABLE4, PAPER_TABLE7, markdown_table, plot_runs, read_metrics
+from .train import TrainConfig
+
+TABLES = ("table4", "table7")
+
+
+def table_configs(table: str, *, datasets: list[str] | None = None, **overrides) -> dict[str, TrainConfig]:
+    """Run name -> config for the cells of the paper's Table 4 or Table 7 (LeNet-5)."""
+    if table == "table7":
+        datasets = datasets or ["mnist", "fashion-mnist"]
+        return {f"{ds}-{p}": TrainConfig(dataset=ds, policy=p, **overrides) for ds in datasets for p in PAPER_TABLE7}
+    if table == "table4":
+        return {f"fashion-mnist-{p}": TrainConfig(dataset="fashion-mnist", policy=p, **overrides) for p in PAPER_TABLE4}
+    raise ValueError(f"table must be one of {TABLES} or a .toml file, got {table!r}")
+
+
+def toml_configs(path: str | os.PathLike) -> dict[str, TrainConfig]:
+    """Run name -> config from a TOML file of [runs.NAME] tables (keys of TrainConfig)."""
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    runs = doc.get("runs")
+    if not isinstance(runs, dict) or not runs:
+        raise ValueError(f"{path}: expected [runs.NAME] tables with TrainConfig keys")
+    return {name: TrainConfig.from_dict(cfg) for name, cfg in runs.items()}
+
+
+def _launch(name: str, config: TrainConfig, out: Path, threads: int) -> int:
+    """One run in its own process (so runs can go in parallel), resuming if it has begun."""
+    run_dir = out / name
+    args = [sys.executable, "-m", "positnn.cli", "train", "--out", str(run_dir), "--no-progress",
+            "--threads", str(threads)]
+    for key, value in asdict(config).items():
+        if value is not None and key != "threads":
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    if (run_dir / "checkpoint.pt").exists():
+        args.append("--resume")
+    log = out / f"{name}.log"
+    with open(log, "a") as f:
+        return subprocess.run(args, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def reproduce(table: str, out: str | os.PathLike, *, jobs: int = 1, **overrides) -> Path:
+    """Run every configuration of ``table`` (finished runs are kept, begun ones resumed),
+    then write ``out/results.md`` and ``out/curves.png``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = toml_configs(table) if str(table).endswith(".toml") else table_configs(table, **overrides)
+    todo = {n: c for n, c in configs.items() if not _finished(out / n, c)}
+    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        codes = dict(zip(todo, pool.map(lambda nc: _launch(nc[0], nc[1], out, threads), todo.items())))
+    failed = [n for n, code in codes.items() if code != 0]
+    write_results(table, configs, out)
+    if failed:
+        raise RuntimeError(f"runs failed: {failed}; see their .log files in {out}")
+    return out / "results.md"
+
+
+def _finished(run_dir: Path, config: TrainConfig) -> bool:
+    try:
+        return len(read_metrics(run_dir)) >= config.epochs
+    except FileNotFoundError:
+        return False
+
+
+def write_results(table: str, configs: dict[str, TrainConfig], out: Path) -> Path:
+    """The Markdown table of our final accuracy beside the paper's, and the curves."""
+    rows, done = [], []
+    for name, cfg in configs.items():
+        try:
+            metrics = read_metrics(out / name)
+        except FileNotFoundError:
+            metrics = []
+        ours = f"{metrics[-1]['top1']:.2f}%" if metrics else "not run"
+        if metrics and len(metrics) < cfg.epochs:
+            ours += f" (after {len(metrics)} of {cfg.epochs} epochs)"
+        paper = PAPER_TABLE7.get(cfg.policy, {}).get(cfg.dataset) if table == "table7" else PAPER_TABLE4.get(cfg.policy)
+        rows.append([cfg.dataset, cfg.policy, ours, f"{paper:.2f}%" if paper is not None else "-"])
+        if metrics:
+            done.append(out / name)
+    text = f"# {Path(str(table)).stem}: final test top-1 accuracy, LeNet-5\n\n"
+    text += markdown_table(["dataset", "configuration", "positnn (ours)", "paper"], rows)
+    if done:
+        plot_runs(done, out / "curves.png")
+        text += "\n![curves](curves.png)\n"
+    (out / "results.md").write_text(text)
+    return out / "results.md"

@@ -1,0 +1,275 @@
+"""The training loop behind ``positnn train``: the paper's protocol, logs and checkpoints.
+
+A run directory holds ``config.json`` (the exact configuration and versions),
+``metrics.csv`` and ``metrics.jsonl`` (one row per epoch) and ``checkpoint.pt`` (written
+atomically after every epoch). The data order of epoch e depends only on (seed, e), and
+the checkpoint carries every RNG state, so ``resume=True`` after a kill or Ctrl-C ends
+bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import __version__, stats
+from . import nn as pnn
+from .convert import convert
+from .data import NUM_CLASSES, canonical_name, load_dataset
+from .models import build_model
+from .optim import SGD
+from .policy import STAGES, Policy
+
+CHECKPOINT = "checkpoint.pt"
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "test_loss", "top1", "topk", "k", "nar", "saturation", "seconds")
+
+
+@dataclass
+class TrainConfig:
+    """One training run; the defaults are the paper's recipe (LeNet-5, Fashion-MNIST,
+    posit8-O16-L16q, batch 64, SGD lr 1/16 momentum 0.5, lr halved every 4 epochs, 10 epochs)."""
+
+    model: str = "lenet5"
+    dataset: str = "fashion-mnist"
+    policy: str = "posit8-O16-L16q"
+    epochs: int = 10
+    batch_size: int = 64
+    test_batch_size: int = 1024
+    lr: float = 1 / 16
+    momentum: float = 0.5
+    lr_step: int = 4
+    lr_gamma: float = 0.5
+    seed: int = 0
+    subset: int | None = None
+    data_dir: str | None = None
+    topk: int = 5
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "test_batch_size", "lr_step", "topk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.subset is not None and self.subset < 1:
+            raise ValueError(f"subset must be >= 1, got {self.subset}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        Policy.load(self.policy)  # fail early, naming the bad part
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**d)
+
+
+def is_float(policy: str) -> bool:
+    """True for the plain float32 baseline: torch layers, log_softmax + nll_loss, torch SGD."""
+    p = Policy.load(policy)
+    return not p.layers and all(getattr(p, s) is None for s in STAGES)
+
+
+@dataclass
+class Run:
+    """Everything a run trains and evaluates."""
+
+    config: TrainConfig
+    model: nn.Module
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    train_set: torch.utils.data.TensorDataset
+    test_set: torch.utils.data.TensorDataset
+
+
+def _subset(ds, n: int | None):
+    if n is None or n >= len(ds):
+        return ds
+    return torch.utils.data.TensorDataset(*(t[:n] for t in ds.tensors))
+
+
+def build(config: TrainConfig) -> Run:
+    """Data, model (seeded float initialisation, then converted by the policy), loss,
+    optimizer and the step learning-rate schedule of a run."""
+    if config.threads:
+        import numba
+
+        torch.set_num_threads(config.threads)
+        numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
+    train_set = _subset(load_dataset(config.dataset, "train", config.data_dir), config.subset)
+    test_set = _subset(load_dataset(config.dataset, "test", config.data_dir), config.subset)
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
+    if is_float(config.policy):
+        loss_fn = lambda logits, y: F.nll_loss(F.log_softmax(logits, dim=1), y)  # noqa: E731
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    else:
+        policy = Policy.load(config.policy)
+        model = convert(model, policy)
+        loss_fn = pnn.CrossEntropyLoss(policy)
+        optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step, gamma=config.lr_gamma)
+    return Run(config, model, loss_fn, optimizer, scheduler, train_set, test_set)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int = 1024, topk: int = 5) -> dict[str, float]:
+    """Mean cross-entropy (computed in float64 from the logits) and top-1 / top-k accuracy in %."""
+    model.eval()
+    n, loss_sum, correct1, correctk = 0, 0.0, 0, 0
+    for start in range(0, len(dataset), batch_size):
+        x, y = (t[start:start + batch_size] for t in dataset.tensors)
+        logits = model(x).double()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        k = min(topk, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        correct1 += int((top[:, 0] == y).sum())
+        correctk += int((top == y[:, None]).any(dim=1).sum())
+        n += len(y)
+    return {"loss": loss_sum / n, "top1": 100.0 * correct1 / n, "topk": 100.0 * correctk / n, "k": min(topk, logits.shape[1])}
+
+
+def _versions() -> dict[str, str]:
+    import numba
+
+    return {"positnn": __version__, "torch": torch.__version__, "numba": numba.__version__,
+            "python": sys.version.split()[0], "platform": platform.platform()}
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, out / "metrics.csv")
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print, stop_after: int | None = None) -> list[dict]:
+    """Train ``config`` into the run directory ``out`` and return the per-epoch metrics.
+
+    ``resume=True`` continues from ``out/checkpoint.pt``. ``stop_after`` ends the call
+    after that many epochs of this invocation, leaving a resumable run (used by tests to
+    stand for a kill). Ctrl-C likewise leaves the last completed epoch resumable.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = build(config)
+    history: list[dict] = []
+    start_epoch = 0
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
+        ckpt = torch.load(ckpt_path, weights_only=False)
+        saved = TrainConfig.from_dict(ckpt["config"])
+        if asdict(saved) | {"epochs": 0, "threads": None} != asdict(config) | {"epochs": 0, "threads": None}:
+            raise ValueError(f"cannot resume {out}: its config {asdict(saved)} differs from {asdict(config)}")
+        _load_state(run, ckpt)
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        log(f"resuming {out} after epoch {start_epoch}")
+    else:
+        (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions()}, indent=2))
+
+    done = 0
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if stop_after is not None and done >= stop_after:
+                break
+            row = _train_epoch(run, epoch, progress)
+            history.append(row)
+            _atomic_save(_state(run, epoch + 1, history), ckpt_path)
+            _write_metrics(out, history)
+            log(_summary(row, config.epochs))
+            done += 1
+    except KeyboardInterrupt:
+        log(f"interrupted: {out} holds {len(history)} completed epoch(s); continue with --resume")
+        raise
+    return history
+
+
+def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
+    cfg = run.config
+    model = run.model
+    model.train()
+    stats.reset(model)
+    x_all, y_all = run.train_set.tensors
+    order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    nbatches = -(-len(order) // cfg.batch_size)
+    lr = run.optimizer.param_groups[0]["lr"]
+    t0 = time.perf_counter()
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(range(nbatches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
+               leave=False, dynamic_ncols=True)
+    for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        x, y = x_all[idx], y_all[idx]
+        run.optimizer.zero_grad(set_to_none=True)
+        loss = run.loss_fn(model(x), y)
+        loss.backward()
+        run.optimizer.step()
+        loss_value = float(loss.detach())
+        loss_sum += loss_value * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+    run.scheduler.step()
+    seconds = time.perf_counter() - t0
+    counts = stats.total(model)
+    test = evaluate(model, run.test_set, cfg.test_batch_size, cfg.topk)
+    return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1), "test_loss": test["loss"],
+            "top1": test["top1"], "topk": test["topk"], "k": test["k"], "nar": counts["nar"],
+            "saturation": counts["saturation"], "seconds": round(seconds, 3)}
+
+
+def _summary(row: dict, epochs: int) -> str:
+    return (f"epoch {row['epoch']:>2}/{epochs}  train loss {row['train_loss']:.4f}  test loss {row['test_loss']:.4f}  "
+            f"top-1 {row['top1']:.2f}%  top-{row['k']} {row['topk']:.2f}%  NaR {row['nar']}  "
+            f"saturated {row['saturation']}  {row['seconds']:.1f} s")
+
+
+def _state(run: Run, epoch: int, history: list[dict]) -> dict:
+    return {"epoch": epoch, "config": asdict(run.config), "history": history, "versions": _versions(),
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
+
+
+def _load_state(run: Run, ckpt: dict) -> None:
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    torch.set_rng_state(ckpt["torch_rng"])
+
+
+def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
+    """The trained model of a checkpoint, and its config."""
+    ckpt = torch.load(checkpoint, weights_only=False)
+    config = TrainConfig.from_dict(ckpt["config"])
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
+    if not is_float(config.policy):
+        model = convert(model, Policy.load(config.policy))
+    model.load_state_dict(ckpt["model"])
+    return model, config
