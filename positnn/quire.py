@@ -109,7 +109,7 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
     bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
     if P == Q == 1:
-        acc.round_sum(G.numpy(), bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
+        acc.round_sum(G.numpy(), bias_v.numpy(), False, out.numpy(), fmt.nbits, fmt.es, underflow)
     else:
         acc.round_terms(G.numpy(), P, Q, bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
     return out
@@ -206,6 +206,33 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def _native_exact(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
+    """Is a float64 torch op summing ``terms`` products of entries of a and b exact?
+
+    It is when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole tensors: every
+    partial sum, in any order, is then a multiple of the smallest product unit below 2**53
+    of them. NaR makes this False (the slower path keeps NaR where it belongs).
+    """
+    ta, la = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
+    tb, lb = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        return False
+    if la == slicing.NO_BITS or lb == slicing.NO_BITS:
+        return True  # an all-zero operand
+    in_range = max(ta, tb) <= MAX_BINADE and min(la, lb) >= -MAX_BINADE - 30
+    return in_range and (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1))) <= 53
+
+
+def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Round exact float64 conv results (N, C, H, W) once, with a per-channel bias inside."""
+    n, c = y.shape[:2]
+    g = y.reshape(n, c, -1).contiguous()
+    out = torch.empty(g.shape, dtype=fmt.dtype)
+    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
+    acc.round_sum(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt.nbits, fmt.es, underflow)
+    return out.view(y.shape)
+
+
 def conv2d(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -221,8 +248,9 @@ def conv2d(
 ) -> torch.Tensor:
     """2-D convolution (as torch.nn.functional.conv2d) with one quire per output element.
 
-    x is (N, C, H, W) and w is (O, C // groups, kh, kw); computed as a GEMM over the
-    unfolded input (K = C/groups * kh * kw), with the bias inside the quire.
+    x is (N, C, H, W) and w is (O, C // groups, kh, kw). When the operands' spans make a
+    float64 convolution exact, torch computes it and the bias is added in the rounding;
+    otherwise it is a sliced GEMM over the unfolded input (K = C/groups * kh * kw).
     """
     _check_operand(x, "x")
     _check_operand(w, "w")
@@ -233,6 +261,9 @@ def conv2d(
     if c != cg * groups or o % groups:
         raise ValueError(f"conv2d channels do not match: input has {c}, weight expects {cg} x {groups} groups, {o} outputs")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    if mode == "exact" and _native_exact(x, w, cg * kh * kw):
+        y = F.conv2d(_host(x).double(), _host(w).double(), None, stride, padding, dilation, groups)
+        return _round_exact(y, fmt, underflow, bias).to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wout = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
@@ -244,6 +275,69 @@ def conv2d(
         outs.append(matmul(cols[g], wg[g], fmt, bias=bg, mode=mode, underflow=underflow))
     y = torch.cat(outs, dim=-1)  # (N*L, O)
     return y.view(n, hout, wout, o).permute(0, 3, 1, 2).contiguous()
+
+
+def conv2d_input_grad(
+    grad: torch.Tensor,
+    w: torch.Tensor,
+    input_shape: tuple[int, int, int, int] | torch.Size,
+    fmt: Posit,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    mode: str = "exact",
+    underflow: bool = False,
+) -> torch.Tensor:
+    """The input error of a convolution (a transposed convolution), one quire per input
+    element: sum over output channels and kernel taps of grad * w, rounded once."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    n, c, h, wd = input_shape
+    co, cg, kh, kw = w.shape
+    if mode == "exact" and _native_exact(grad, w, (co // groups) * kh * kw):
+        y = torch.nn.grad.conv2d_input(tuple(input_shape), _host(w).double(), _host(grad).double(), stride, padding, dilation, groups)
+        return _round_exact(y, fmt, underflow).to(grad.device)
+    # The output error dilated by the stride and padded, convolved with the rotated kernel.
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    d = grad
+    if (sh, sw) != (1, 1):
+        dd = d.new_zeros(n, co, (d.shape[2] - 1) * sh + 1, (d.shape[3] - 1) * sw + 1)
+        dd[:, :, ::sh, ::sw] = d
+        d = dd
+    top, left = dh * (kh - 1) - ph, dw * (kw - 1) - pw
+    bottom, right = h - d.shape[2] + ph, wd - d.shape[3] + pw
+    d = F.pad(d, (left, right, top, bottom))
+    w_t = w.reshape(groups, co // groups, cg, kh, kw).transpose(1, 2).reshape(groups * cg, co // groups, kh, kw)
+    return conv2d(d, w_t.flip(-1, -2), None, fmt, 1, 0, (dh, dw), groups, mode=mode, underflow=underflow)
+
+
+def conv2d_weight_grad(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    weight_shape: tuple[int, int, int, int] | torch.Size,
+    fmt: Posit,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    *,
+    mode: str = "exact",
+    underflow: bool = False,
+) -> torch.Tensor:
+    """The weight gradient of a convolution, one quire per weight over every batch element
+    and output position (K = N * Hout * Wout), rounded once (not divided by N)."""
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    n, co, ho, wo = grad.shape
+    if mode == "exact" and _native_exact(x, grad, n * ho * wo):
+        y = torch.nn.grad.conv2d_weight(_host(x).double(), tuple(weight_shape), _host(grad).double(), stride, padding, dilation, groups)
+        return _round_exact(y, fmt, underflow).to(grad.device)
+    _, cg, kh, kw = weight_shape
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kk, L)
+    k = cols.shape[1] // groups
+    cols = cols.reshape(n, groups, k, ho * wo).permute(1, 0, 3, 2).reshape(groups, n * ho * wo, k)
+    d3 = grad.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
+    return matmul(d3, cols, fmt, mode=mode, underflow=underflow).reshape(weight_shape)
 
 
 class Quire:

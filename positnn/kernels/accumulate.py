@@ -102,15 +102,19 @@ def round_limbs(limbs, nl, lsb, n, es, underflow):
 
 
 @njit(parallel=True, cache=True)
-def round_sum(G, bias, out, n, es, underflow):
-    """out = round(G + bias) for exact float64 G (one slice pair): TwoSum is exact."""
+def round_sum(G, bias, bias_on_rows, out, n, es, underflow):
+    """out = round(G + bias) for exact float64 G (one slice pair): TwoSum is exact.
+
+    The bias runs along the columns (bias[j]), or along the rows with ``bias_on_rows``.
+    """
     nb, M, N = out.shape
     has_bias = bias.size > 0
     for bi in prange(nb * M):
         b = bi // M
         i = bi - b * M
         for j in range(N):
-            s, err = two_sum(G[b, i, j], bias[j] if has_bias else 0.0)
+            bv = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+            s, err = two_sum(G[b, i, j], bv)
             out[b, i, j] = round_value(s, err, n, es, underflow)
 
 

@@ -68,3 +68,20 @@ def split_rows(x, top, w, out):
                 t = _truncate_at(rest, top[r] - w * (s + 1))
                 out[s, r, k] = t
                 rest = rest - t
+
+
+@njit(parallel=True, cache=True)
+def global_span(x):
+    """(top, low) over all finite nonzero entries of a flat array: max|x| < 2**top and
+    every entry is a multiple of 2**low. (-NO_BITS, NO_BITS) when there are none."""
+    hi = -NO_BITS
+    lo = NO_BITS
+    for i in prange(x.size):
+        u = f64_as_i64(np.float64(x[i]))
+        biased = (u >> 52) & 0x7FF
+        m = (u & MANT_MASK) | (np.int64(1) << 52)
+        tz = (f64_as_i64(np.float64(m & -m)) >> 52) - 1023
+        ok = (biased > 0) & (biased < 0x7FF)
+        hi = max(hi, biased - 1022 if ok else -NO_BITS)
+        lo = min(lo, biased - 1075 + tz if ok else NO_BITS)
+    return hi, lo
