@@ -71,8 +71,8 @@ def median_seconds(fn, repeats: int) -> float:
 
 def slice_gemms(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many float64 slice GEMMs the exact product needs (P * Q)."""
-    span_a = _scan(a.unsqueeze(0), "a")[2]
-    span_b = _scan(b.t().unsqueeze(0), "b")[2]
+    span_a = _scan(a.unsqueeze(0))[2]
+    span_b = _scan(b.t().unsqueeze(0))[2]
     wa, wb = _widths(span_a, span_b, 53 - max(b.shape[0] - 1, 0).bit_length())
     return max(1, -(-span_a // wa)) * max(1, -(-span_b // wb))
 

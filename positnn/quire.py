@@ -16,7 +16,9 @@ Other modes, named as PositNN and its peers name them:
   kept for comparison with frameworks that simulate posits this way.
 
 Inputs are taken as exact real values (posits of any format, or any floats); NaN and +-inf
-are NaR and make every output they touch NaR.
+are NaR and make every output they touch NaR. Exact mode raises ValueError when products
+would leave float64's range (below 2**-1074 or above 2**1020 / K), which posits of every
+format with max_exponent <= 500 never do.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ from .kernels import accumulate as acc
 from .kernels import slicing
 
 MODES = ("exact", "none", "float32", "float64")
-# Exact mode handles operand magnitudes in [2**-MAX_BINADE, 2**MAX_BINADE]: every posit of
-# a format with max_exponent <= 500 (all es <= 4, and es = 5 up to 17 bits).
-MAX_BINADE = 500
+# Exact mode computes in float64, so every product must lie within its range: the lowest
+# bits of a and b may add up to no less than 2**-1074, their tops to at most 2**1020 / K.
+# Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit.
+LOWEST_BIT, HIGHEST_BIT = -1074, 1020
+
+
+def _products_fit(ta: int, la: int, tb: int, lb: int, terms: int) -> bool:
+    return la + lb >= LOWEST_BIT and ta + tb + math.ceil(math.log2(max(terms, 1))) <= HIGHEST_BIT
 
 
 def _check_mode(mode: str) -> None:
@@ -48,8 +55,9 @@ def _check_operand(x: torch.Tensor, name: str) -> torch.Tensor:
     return x
 
 
-def _scan(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Rows of x (B, R, K) as float64, their top exponents, and the widest row span in bits."""
+def _scan(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+    """Rows of x (B, R, K) as float64, their top exponents, the widest row span in bits,
+    and (highest top, lowest bit) over all rows."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     top = torch.empty(flat.shape[0], dtype=torch.int64)
     low = torch.empty(flat.shape[0], dtype=torch.int64)
@@ -57,10 +65,9 @@ def _scan(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     slicing.scan_rows(flat.numpy(), top.numpy(), low.numpy(), copy.numpy(), copy is not flat)
     used = low < slicing.NO_BITS
     if not used.any():
-        return copy.view(x.shape), top, 0
-    if top.max() > MAX_BINADE or low[used].min() < -MAX_BINADE - 30:
-        raise ValueError(f"{name} has magnitudes outside [2**-{MAX_BINADE}, 2**{MAX_BINADE}], the range of the exact quire")
-    return copy.view(x.shape), top, int((top - low)[used].max())
+        return copy.view(x.shape), top, 0, (0, 0)
+    extent = (int(top.max()), int(low[used].min()))
+    return copy.view(x.shape), top, int((top - low)[used].max()), extent
 
 
 def _widths(span_a: int, span_b: int, budget: int) -> tuple[int, int]:
@@ -97,8 +104,13 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     """
     nb, M, K = a.shape
     N = b.shape[-1]
-    a64, top_a, span_a = _scan(a, "a")
-    bt64, top_b, span_b = _scan(b.transpose(-1, -2), "b")
+    a64, top_a, span_a, (ta, la) = _scan(a)
+    bt64, top_b, span_b, (tb, lb) = _scan(b.transpose(-1, -2))
+    if not _products_fit(ta, la, tb, lb, K):
+        raise ValueError(
+            f"the exact quire works in float64, but products of these operands span 2**{la + lb} to 2**{ta + tb} "
+            f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 always fit"
+        )
     wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))))
     sa = _slices(a64, top_a, span_a, wa)  # (P, B, M, K)
     sb = _slices(bt64, top_b, span_b, wb)  # (Q, B, N, K)
@@ -219,8 +231,7 @@ def _native_exact(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
         return False
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
         return True  # an all-zero operand
-    in_range = max(ta, tb) <= MAX_BINADE and min(la, lb) >= -MAX_BINADE - 30
-    return in_range and (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1))) <= 53
+    return _products_fit(ta, la, tb, lb, terms) and (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1))) <= 53
 
 
 def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
