@@ -169,7 +169,7 @@ def matmul(
         out = torch.empty((a3.shape[0], M, N), dtype=fmt.dtype)
         no_bias = torch.empty(0, dtype=torch.float64)
         acc.sequential_dot(
-            a3.double().contiguous().numpy(), b3.double().contiguous().numpy(),
+            a3.contiguous().numpy(), b3.contiguous().numpy(),
             (no_bias if bias64 is None else bias64).contiguous().numpy(), out.numpy(), fmt.nbits, fmt.es, underflow,
         )
     else:

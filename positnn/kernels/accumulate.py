@@ -197,18 +197,33 @@ def quire_round(limbs, lsb, out, n, es, underflow):
 
 @njit(parallel=True, cache=True)
 def sequential_dot(A, B, bias, out, n, es, underflow):
-    """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k."""
+    """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k.
+
+    The columns j of one row are independent, so they form the inner (SIMD) loop. A zero
+    a_k leaves every acc unchanged (acc is a posit) unless row k of B holds NaR.
+    """
     nb, M, N = out.shape
     K = A.shape[2]
     has_bias = bias.size > 0
     for bi in prange(nb * M):
         b = bi // M
         i = bi - b * M
-        for j in range(N):
-            acc = round_value(bias[j], 0.0, n, es, underflow) if has_bias else 0.0
-            for k in range(K):
-                p, pe = _product(A[b, i, k], B[b, k, j])
+        acc = np.zeros(N, dtype=np.float64)
+        if has_bias:
+            for j in range(N):
+                acc[j] = round_value(np.float64(bias[j]), 0.0, n, es, underflow)
+        for k in range(K):
+            a = np.float64(A[b, i, k])
+            if a == 0:
+                clean = True
+                for j in range(N):
+                    clean &= np.isfinite(B[b, k, j])
+                if clean:
+                    continue
+            for j in range(N):
+                p, pe = _product(a, np.float64(B[b, k, j]))
                 prod = round_value(p, pe, n, es, underflow)
-                s, err = two_sum(acc, prod)
-                acc = round_value(s, err, n, es, underflow)
-            out[b, i, j] = acc
+                s, err = two_sum(acc[j], prod)
+                acc[j] = round_value(s, err, n, es, underflow)
+        for j in range(N):
+            out[b, i, j] = acc[j]
