@@ -15,12 +15,13 @@ Nothing here is taken from the library under test.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from fractions import Fraction
 
 __all__ = [
-    "decode_pattern", "all_values", "round_pattern", "round_exact", "Table",
-    "minpos", "maxpos", "nar_pattern",
+    "decode_pattern", "all_values", "round_pattern", "round_sqrt_pattern", "round_exact", "Table",
+    "minpos", "maxpos", "nar_pattern", "fields", "significand_bits",
 ]
 
 
@@ -28,13 +29,9 @@ def nar_pattern(n: int) -> int:
     return 1 << (n - 1)
 
 
-def decode_pattern(p: int, n: int, es: int) -> Fraction | None:
-    """Value of the n-bit pattern ``p`` (only its low n bits are used); None for NaR."""
+def fields(p: int, n: int, es: int) -> tuple[int, int, int, str]:
+    """(sign, k, e, fraction bits) of a pattern that is neither 0 nor NaR."""
     p &= (1 << n) - 1
-    if p == 0:
-        return Fraction(0)
-    if p == nar_pattern(n):
-        return None
     negative = p >> (n - 1)
     if negative:
         p = (1 << n) - p                       # two's complement of the whole word
@@ -43,10 +40,26 @@ def decode_pattern(p: int, n: int, es: int) -> Fraction | None:
     k = run - 1 if body[0] == "1" else -run
     rest = body[run + 1:]                      # skip the regime's terminating bit
     e = int(rest[:es].ljust(es, "0") or "0", 2)
-    frac = rest[es:]
+    return negative, k, e, rest[es:]
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def decode_pattern(p: int, n: int, es: int) -> Fraction | None:
+    """Value of the n-bit pattern ``p`` (only its low n bits are used); None for NaR."""
+    p &= (1 << n) - 1
+    if p == 0:
+        return Fraction(0)
+    if p == nar_pattern(n):
+        return None
+    negative, k, e, frac = fields(p, n, es)
     f = Fraction(int(frac or "0", 2), 1 << len(frac))
     v = (1 + f) * Fraction(2) ** (k * 2 ** es + e)
     return -v if negative else v
+
+
+def significand_bits(p: int, n: int, es: int) -> int:
+    """Significand bits of a nonzero, non-NaR pattern, hidden bit included."""
+    return 1 + len(fields(p, n, es)[3])
 
 
 def minpos(n: int, es: int) -> Fraction:
@@ -63,37 +76,56 @@ def all_values(n: int, es: int) -> list[Fraction]:
     return sorted(v for v in vals if v is not None)
 
 
-def round_pattern(x, n: int, es: int, underflow: bool = False) -> int:
-    """Pattern (as unsigned n-bit int) of the posit nearest to the real x (Fraction/int/float).
+def _round_positive(compare, n: int, es: int, underflow: bool = False) -> int:
+    """Pattern of the posit nearest to a real t > 0 known only through ``compare(v)``,
+    which returns -1, 0 or 1 as t is below, equal to or above the Fraction v >= 0.
 
     Binary search over the positive patterns, which are ordered like their values.
     """
+    top = (1 << (n - 1)) - 1                   # pattern of maxpos
+    if compare(decode_pattern(top, n, es)) >= 0:
+        return top
+    if compare(decode_pattern(1, n, es)) <= 0:
+        # minpos/useed is the (n+1)-bit minpos: the midpoint between 0 and minpos
+        if underflow and compare(decode_pattern(1, n + 1, es)) <= 0:
+            return 0
+        return 1
+    lo, hi = 1, top                            # decode(lo) < t < decode(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        c = compare(decode_pattern(mid, n, es))
+        if c == 0:
+            return mid
+        if c > 0:
+            lo = mid
+        else:
+            hi = mid
+    c = compare(decode_pattern(2 * lo + 1, n + 1, es))   # boundary between lo and hi
+    if c < 0 or (c == 0 and lo % 2 == 0):
+        return lo
+    return hi
+
+
+def _cmp(a, b) -> int:
+    return (a > b) - (a < b)
+
+
+def round_pattern(x, n: int, es: int, underflow: bool = False) -> int:
+    """Pattern (unsigned n-bit int) of the posit nearest to the real x (Fraction/int/float)."""
     x = Fraction(x)
     if x < 0:
         return (-round_pattern(-x, n, es, underflow)) & ((1 << n) - 1)
     if x == 0:
         return 0
-    top = (1 << (n - 1)) - 1                   # pattern of maxpos
-    if x >= decode_pattern(top, n, es):
-        return top
-    if x <= decode_pattern(1, n, es):
-        # minpos/useed is the (n+1)-bit minpos: the midpoint between 0 and minpos
-        if underflow and x <= decode_pattern(1, n + 1, es):
-            return 0
-        return 1
-    lo, hi = 1, top                            # decode(lo) <= x < decode(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if decode_pattern(mid, n, es) <= x:
-            lo = mid
-        else:
-            hi = mid
-    if decode_pattern(lo, n, es) == x:
-        return lo
-    boundary = decode_pattern(2 * lo + 1, n + 1, es)
-    if x < boundary or (x == boundary and lo % 2 == 0):
-        return lo
-    return hi
+    return _round_positive(lambda v: _cmp(x, v), n, es, underflow)
+
+
+def round_sqrt_pattern(x, n: int, es: int) -> int:
+    """Pattern of the posit nearest to sqrt(x) for a real x >= 0 (compares v*v with x)."""
+    x = Fraction(x)
+    if x == 0:
+        return 0
+    return _round_positive(lambda v: _cmp(x, v * v), n, es)
 
 
 def round_exact(x, n: int, es: int, underflow: bool = False) -> Fraction:

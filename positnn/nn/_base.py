@@ -1,0 +1,177 @@
+"""The base of every posit module: its policy, NaR counters, O master tensors with cached
+F/B copies, and a state dict of bit patterns.
+
+Master parameters (and BatchNorm's running statistics) live in the O format of the
+module's policy as ordinary ``nn.Parameter``s of ``O.dtype``. Their F and B copies are
+re-rounded lazily, keyed by the master's version counter: any in-place update (a posit
+optimizer's step, ``load_state_dict``, a plain ``torch.optim`` step) bumps the counter, so
+the next forward sees fresh copies without the optimizer having to call anything.
+
+Each master parameter is tagged with ``posit_policy`` (the module's LayerPolicy) and
+``posit_stats``, which the optimizers in ``positnn.optim`` read; tags are restored after
+``copy.deepcopy`` and unpickling (``__setstate__``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Mapping
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..format import Posit
+from ..policy import STAGES, LayerPolicy, Policy, maybe_round
+from ..stats import LayerStats
+
+_CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
+PolicySpec = LayerPolicy | Policy | str | Mapping[str, Any] | None
+
+
+def layer_policy(policy: PolicySpec, name: str = "") -> LayerPolicy:
+    """The LayerPolicy of a module at path ``name`` from any policy spec."""
+    if isinstance(policy, LayerPolicy):
+        return policy
+    return Policy.load(policy).for_layer(name)
+
+
+class PositModule(nn.Module):
+    """A module computing under a :class:`~positnn.policy.LayerPolicy`.
+
+    Subclasses list in ``_master_names`` the parameters and buffers kept in O (encoded as
+    bit patterns in the state dict) and call :meth:`_copy` for their F/B copies.
+    """
+
+    _master_names: tuple[str, ...] = ()
+
+    def __init__(self, policy: PolicySpec = None, name: str = "") -> None:
+        super().__init__()
+        self.policy = layer_policy(policy, name)
+        self.posit_stats = LayerStats()
+        self._copy_cache: dict[tuple[str, str], tuple[tuple[int, int, int], torch.Tensor]] = {}
+
+    # -- masters and copies ----------------------------------------------------------------
+    def _master(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        """``value`` rounded to O (in O's carrier dtype), or unchanged when O is float."""
+        if value is None:
+            return None
+        O = self.policy.optimizer
+        with torch.no_grad():
+            return value.detach().clone() if O is None else maybe_round(value.detach(), O, self.policy)
+
+    def _masters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self._master_names:
+            t = getattr(self, name, None)
+            if isinstance(t, torch.Tensor):
+                yield name, t
+
+    def _tag_params(self) -> None:
+        for _, t in self._masters():
+            if isinstance(t, nn.Parameter):
+                t.posit_policy = self.policy
+                t.posit_stats = self.posit_stats
+
+    def _copy(self, name: str, stage: str) -> torch.Tensor | None:
+        """The ``stage`` copy of master ``name``, re-rounded only after the master changed."""
+        master = getattr(self, name)
+        if master is None:
+            return None
+        fmt = getattr(self.policy, stage)
+        if fmt == self.policy.optimizer:
+            return master.detach()
+        key = (master._version, master.data_ptr(), id(master))
+        hit = self._copy_cache.get((name, stage))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            value = maybe_round(master.detach(), fmt, self.policy)
+        self._copy_cache[(name, stage)] = (key, value)
+        return value
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._copy_cache = {}
+        self._tag_params()
+
+    def extra_repr(self) -> str:
+        return self.policy.describe()
+
+    # -- state dict: bit patterns plus formats ----------------------------------------------
+    def get_extra_state(self) -> dict:
+        O = self.policy.optimizer
+        return {"formats": {name: str(O) for name, _ in self._masters()} if O is not None else {}}
+
+    def set_extra_state(self, state: Any) -> None:
+        pass  # formats are checked tensor by tensor in _load_from_state_dict
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        O = self.policy.optimizer
+        if O is not None:
+            for name, t in self._masters():
+                destination[prefix + name] = O.encode(t.detach())
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        saved = extra.get("formats", {}) if isinstance(extra, dict) else {}
+        convert = _CONVERT_FORMAT.get()
+        O = self.policy.optimizer
+        local = {k: v for k, v in state_dict.items() if k.startswith(prefix)}
+        for name, current in self._masters():
+            key = prefix + name
+            if key not in local:
+                continue
+            value = local[key]
+            src: Posit | None = None
+            if not value.dtype.is_floating_point:
+                if name not in saved:
+                    error_msgs.append(f"{key}: integer tensor without a posit format in {prefix}_extra_state")
+                    local[key] = current.detach()
+                    continue
+                src = Posit.parse(saved[name])
+                value = src.decode(value)
+            if src != O:
+                if not convert:
+                    error_msgs.append(
+                        f"{key}: saved as {src or 'float'}, this module keeps {O or 'float'}; converting is "
+                        f"explicit: positnn.nn.load_state_dict(model, state, convert_format=True)"
+                    )
+                    local[key] = current.detach()
+                    continue
+                value = maybe_round(value, O, self.policy) if O is not None else value
+            local[key] = value.to(current.dtype)
+        super()._load_from_state_dict(local, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")  # a float checkpoint has none
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False, *,
+                        convert_format: bool = False):
+        """As ``nn.Module.load_state_dict``; ``convert_format=True`` rounds tensors saved in
+        another format (or in float) to this module's formats instead of refusing them."""
+        token = _CONVERT_FORMAT.set(convert_format)
+        try:
+            return super().load_state_dict(state_dict, strict, assign)
+        finally:
+            _CONVERT_FORMAT.reset(token)
+
+
+def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, convert_format: bool = False,
+                    strict: bool = True):
+    """``model.load_state_dict(state_dict)`` for any model holding posit modules.
+
+    Posit tensors are stored as bit patterns with their formats; loading one saved in a
+    different format, or a float tensor into a posit module, fails unless
+    ``convert_format=True``, which rounds it to the module's O format. Same-format loads
+    are bit-exact.
+    """
+    token = _CONVERT_FORMAT.set(convert_format)
+    try:
+        return nn.Module.load_state_dict(model, state_dict, strict)
+    finally:
+        _CONVERT_FORMAT.reset(token)
+
+
+def stage_formats(policy: LayerPolicy) -> dict[str, Posit | None]:
+    """{stage: format} of a layer policy (for reports)."""
+    return {s: getattr(policy, s) for s in STAGES}

@@ -1,0 +1,195 @@
+"""Optimizers that update posit master weights in their O format.
+
+``SGD``, ``Adam`` and ``AdamW`` subclass ``torch.optim.Optimizer`` (param groups, state
+dicts and LR schedulers work unchanged). Each parameter's O format comes from the
+``posit_policy`` tag its posit module sets; untagged parameters (or O = float) get exactly
+torch's update. In O every hyperparameter is first rounded to O (as a posit unit holds
+it) and each update is computed with fused single roundings where a unit with fma would
+fuse them:
+
+- SGD: g = fma(wd, w, g); v = g on the first step, else v = fma(momentum, v, g) (with
+  dampening: fma(momentum, v, (1 - dampening) * g), two roundings); nesterov
+  g = fma(momentum, v, g); w = fma(-lr, v, w).
+- Adam: m = fma(b1, m, (1-b1) g), v = fma(b2, v, (1-b2) g g), w = fma(-lr/(1-b1^t),
+  m / (sqrt(v / (1-b2^t)) + eps), w); AdamW first decays w = fma(-lr wd, w, w).
+
+With ``rounding="stochastic"`` in the policy, the final weight update a*b + c is
+evaluated in float64 and rounded stochastically instead of by the fma. Updates are in
+place, which bumps each master's version counter: that is the notice that makes the
+modules re-round their F/B copies before the next forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .format import Posit
+from .policy import LayerPolicy, round_scalar
+
+
+def _stage(p: torch.Tensor) -> tuple[Posit | None, LayerPolicy | None]:
+    lp = getattr(p, "posit_policy", None)
+    return (lp.optimizer if lp is not None else None), lp
+
+
+def _fused(O: Posit, lp: LayerPolicy, a: Any, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a * b + c rounded once to O (stochastically when the policy says so)."""
+    if lp.rounding == "stochastic":
+        exact = torch.as_tensor(a, dtype=torch.float64) * b.double() + c.double()
+        return O.round(exact, "stochastic", underflow=lp.underflow)
+    return O.fma(a, b, c)
+
+
+def _record(p: torch.Tensor, O: Posit) -> None:
+    stats = getattr(p, "posit_stats", None)
+    if stats is not None:
+        stats.record("optimizer", p, O)
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay,
+    computed in each parameter's O format (torch's SGD for float parameters)."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
+                                      weight_decay=weight_decay, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    sgd_update(p, p.grad, self.state[p], **{k: group[k] for k in
+                               ("lr", "momentum", "dampening", "weight_decay", "nesterov")})
+        return loss
+
+
+def sgd_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, momentum: float, dampening: float,
+               weight_decay: float, nesterov: bool) -> None:
+    """One SGD step of parameter ``p`` (in place), in its O format or as torch does."""
+    O, lp = _stage(p)
+    if O is None:  # torch's own formulas, operation for operation
+        if weight_decay:
+            g = g.add(p, alpha=weight_decay)
+        if momentum:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = state["momentum_buffer"] = torch.clone(g).detach()
+            else:
+                buf.mul_(momentum).add_(g, alpha=1 - dampening)
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
+        return
+    if weight_decay:
+        g = O.fma(round_scalar(weight_decay, O), p, g)
+    if momentum:
+        m = round_scalar(momentum, O)
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = torch.clone(g).detach()
+        elif dampening:
+            buf = O.fma(m, buf, O.mul(round_scalar(1 - dampening, O), g))
+        else:
+            buf = O.fma(m, buf, g)
+        state["momentum_buffer"] = buf
+        g = O.fma(m, buf, g) if nesterov else buf
+    p.copy_(_fused(O, lp, -round_scalar(lr, O), g, p))
+    _record(p, O)
+
+
+class Adam(Optimizer):
+    """Adam (``decoupled=False``: L2 weight decay added to the gradient) computed in each
+    parameter's O format; torch's Adam formulas for float parameters."""
+
+    _decoupled = False
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, b in enumerate(betas):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {b}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    adam_update(p, p.grad, self.state[p], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                                weight_decay=group["weight_decay"], decoupled=self._decoupled)
+        return loss
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (default 0.01, as torch), in O."""
+
+    _decoupled = True
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay)
+
+
+def adam_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float], eps: float,
+                weight_decay: float, decoupled: bool) -> None:
+    """One Adam/AdamW step of parameter ``p`` (in place), in its O format or as torch."""
+    O, lp = _stage(p)
+    b1, b2 = betas
+    if not state:
+        state["step"] = torch.tensor(0.0)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    state["step"] += 1
+    t = int(state["step"].item())
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    if O is None:  # torch's single-tensor Adam/AdamW
+        if weight_decay:
+            if decoupled:
+                p.mul_(1 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bc1)
+        return
+    if weight_decay:
+        if decoupled:
+            p.copy_(O.fma(-round_scalar(lr * weight_decay, O), p, p))
+        else:
+            g = O.fma(round_scalar(weight_decay, O), p, g)
+    m.copy_(O.fma(round_scalar(b1, O), m, O.mul(round_scalar(1 - b1, O), g)))
+    v.copy_(O.fma(round_scalar(b2, O), v, O.mul(round_scalar(1 - b2, O), O.mul(g, g))))
+    denom = O.add(O.sqrt(O.div(v, round_scalar(bc2, O))), round_scalar(eps, O))
+    p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), O.div(m, denom), p))
+    _record(p, O)
