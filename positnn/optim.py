@@ -75,44 +75,75 @@ class SGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    sgd_update(p, p.grad, self.state[p], **{k: group[k] for k in
-                               ("lr", "momentum", "dampening", "weight_decay", "nesterov")})
+            hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
+            for ps in _batches([p for p in group["params"] if p.grad is not None]):
+                sgd_update(ps, [self.state[p] for p in ps], **hyper)
         return loss
 
 
-def sgd_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, momentum: float, dampening: float,
+def _batches(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Parameters that can be updated together: posit ones of one O format and rounding
+    mode share a batch (a few fused kernel launches for the whole model instead of a
+    few per tensor); float ones go one by one, as torch's single-tensor SGD."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    singles: list[list[torch.Tensor]] = []
+    for p in params:
+        O, lp = _stage(p)
+        if O is None:
+            singles.append([p])
+        else:
+            groups.setdefault((O, lp.rounding, lp.underflow, p.dtype, p.device), []).append(p)
+    return singles + list(groups.values())
+
+
+def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return ts[0].reshape(-1) if len(ts) == 1 else torch.cat([t.reshape(-1) for t in ts])
+
+
+def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, momentum: float, dampening: float,
                weight_decay: float, nesterov: bool) -> None:
-    """One SGD step of parameter ``p`` (in place), in its O format or as torch does."""
-    O, lp = _stage(p)
+    """One SGD step (in place) of parameters that share an O format (or of one float
+    parameter, with torch's formulas), reading their ``.grad``s."""
+    O, lp = _stage(params[0])
     if O is None:  # torch's own formulas, operation for operation
-        if weight_decay:
-            g = g.add(p, alpha=weight_decay)
-        if momentum:
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.clone(g).detach()
-            else:
-                buf.mul_(momentum).add_(g, alpha=1 - dampening)
-            g = g.add(buf, alpha=momentum) if nesterov else buf
-        p.add_(g, alpha=-lr)
+        for p, state in zip(params, states):
+            g = p.grad
+            if weight_decay:
+                g = g.add(p, alpha=weight_decay)
+            if momentum:
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.clone(g).detach()
+                else:
+                    buf.mul_(momentum).add_(g, alpha=1 - dampening)
+                g = g.add(buf, alpha=momentum) if nesterov else buf
+            p.add_(g, alpha=-lr)
         return
+    bufs = [st.get("momentum_buffer") for st in states]
+    if momentum and any(b is None for b in bufs) and not all(b is None for b in bufs):
+        for p, st in zip(params, states):  # some buffers new, some not: one by one
+            sgd_update([p], [st], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                       nesterov=nesterov)
+        return
+    w = _flat(params)
+    g = _flat([p.grad for p in params])
     if weight_decay:
-        g = O.fma(round_scalar(weight_decay, O), p, g)
+        g = O.fma(round_scalar(weight_decay, O), w, g)
     if momentum:
         m = round_scalar(momentum, O)
-        buf = state.get("momentum_buffer")
-        if buf is None:
-            buf = torch.clone(g).detach()
+        if bufs[0] is None:
+            buf = g.clone()  # first step: v = g
         elif dampening:
-            buf = O.fma(m, buf, O.mul(round_scalar(1 - dampening, O), g))
+            buf = O.fma(m, _flat(bufs), O.mul(round_scalar(1 - dampening, O), g))
         else:
-            buf = O.fma(m, buf, g)
-        state["momentum_buffer"] = buf
+            buf = O.fma(m, _flat(bufs), g)
+        for st, p, chunk in zip(states, params, buf.split([p.numel() for p in params])):
+            st["momentum_buffer"] = chunk.clone().view_as(p)
         g = O.fma(m, buf, g) if nesterov else buf
-    p.copy_(_fused(O, lp, -round_scalar(lr, O), g, p))
-    _record(p, O)
+    new = _fused(O, lp, -round_scalar(lr, O), g, w)
+    for p, chunk in zip(params, new.split([p.numel() for p in params])):
+        p.copy_(chunk.view_as(p))
+        _record(p, O)
 
 
 class Adam(Optimizer):

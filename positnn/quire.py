@@ -159,6 +159,11 @@ def matmul(
         raise ValueError(f"bias must have {N} elements (one per output column), got shape {tuple(bias.shape)}")
     batch = torch.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
     M, K = a2.shape[-2:]
+    if K == 0 or M == 0 or N == 0 or math.prod(batch) == 0:  # an empty sum is 0 (plus the bias)
+        out = torch.zeros((*batch, M, N), dtype=fmt.dtype)
+        if bias is not None:
+            out = out + fmt.round(bias.detach().cpu().reshape(N))
+        return _squeeze(out, squeeze_rows, squeeze_cols).to(device)
     a3 = _host(a2).expand(*batch, M, K).reshape(-1, M, K)
     b3 = _host(b2).expand(*batch, K, N).reshape(-1, K, N)
     bias64 = None if bias is None else bias.detach().cpu().double().reshape(N)
@@ -179,12 +184,14 @@ def matmul(
             y = y + bias64.to(dt)
         out = fmt.round(y, underflow=underflow)
 
-    out = out.reshape(*batch, M, N)
-    if squeeze_rows:
+    return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
+
+
+def _squeeze(out: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
+    """Undo the unsqueezing of 1-D matmul operands."""
+    if rows:
         out = out.squeeze(-2)
-    if squeeze_cols:
-        out = out.squeeze(-1)
-    return out.to(device)
+    return out.squeeze(-1) if cols else out
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
@@ -373,13 +380,18 @@ class Quire:
         return self
 
     def _add_terms(self, *terms: torch.Tensor) -> None:
-        for t in terms:
-            t = torch.broadcast_to(t.detach().cpu().double(), self.shape).reshape(-1).contiguous()
+        """Add every term, or (on a bad one) none: a quire never holds half an update."""
+        flat = [torch.broadcast_to(t.detach().cpu().double(), self.shape).reshape(-1).contiguous() for t in terms]
+        for t in flat:
             if (~torch.isfinite(t)).any():
                 raise ValueError("cannot add NaR (NaN or inf) to a quire: its value would be lost")
-            bad = acc.quire_add(self.limbs.numpy(), t.numpy(), self.lsb)
+            bad = acc.quire_add(self.limbs.numpy(), t.numpy(), self.lsb, False)
             if bad:
-                raise ValueError(f"{bad} term(s) are not multiples of minpos**2 of {self.fmt}: not {self.fmt} values")
+                raise ValueError(
+                    f"{bad} term(s) are not multiples of minpos**2 of {self.fmt} or exceed its quire: not {self.fmt} values"
+                )
+        for t in flat:
+            acc.quire_add(self.limbs.numpy(), t.numpy(), self.lsb, True)
 
     def add(self, x: torch.Tensor) -> "Quire":
         """Add x (broadcast to the quire's shape) exactly."""

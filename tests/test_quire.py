@@ -177,7 +177,7 @@ def as_np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().double().numpy()
 
 
-def assert_same(got: torch.Tensor, expected: np.ndarray, fmt=None, what="", inputs=None):
+def assert_same(got: torch.Tensor, expected: np.ndarray, fmt=None, what=""):
     """Bitwise equality of values (NaN matches NaN), with a readable first-mismatch report."""
     if fmt is not None:
         assert got.dtype == P(fmt).dtype, f"{what}: dtype {got.dtype}, expected {P(fmt).dtype}"

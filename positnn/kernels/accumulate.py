@@ -165,9 +165,12 @@ def round_terms(G, P, Q, bias, out, n, es, underflow):
 
 
 @njit(parallel=True, cache=True)
-def quire_add(limbs, terms, lsb):
-    """Add float terms (exact multiples of 2**lsb) into per-element limb rows; returns how
-    many terms were not multiples of 2**lsb or too large for the rows (those are skipped)."""
+def quire_add(limbs, terms, lsb, apply):
+    """Add float terms (exact multiples of 2**lsb) into per-element limb rows.
+
+    Returns how many terms are not multiples of 2**lsb or too large for the rows; with
+    ``apply`` False it only counts, so that a caller can refuse a batch as a whole.
+    """
     bad = 0
     nl = limbs.shape[1]
     for i in prange(terms.size):
@@ -175,15 +178,16 @@ def quire_add(limbs, terms, lsb):
         if t == 0 or not math.isfinite(t):
             continue
         m, ex = float_parts(t)
-        tz = 0
-        while (m >> tz) & 1 == 0:
-            tz += 1
-        if ex + tz < lsb or ex - lsb + 64 > (nl - 3) * LIMB:
+        mag = -m if m < 0 else m
+        tz = (f64_as_i64(np.float64(mag & -mag)) >> 52) - 1023  # trailing zeros of m
+        m = m >> tz  # exact: the low tz bits are zero
+        ex += tz
+        if ex < lsb or ex - lsb + 64 > (nl - 3) * LIMB:
             bad += 1
-            continue
-        row = limbs[i]
-        add_int(row, ex - lsb, m)
-        normalize(row, nl)
+        elif apply:
+            row = limbs[i]
+            add_int(row, ex - lsb, m)
+            normalize(row, nl)
     return bad
 
 

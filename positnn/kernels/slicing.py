@@ -14,6 +14,23 @@ from .rounding import MANT_MASK
 NO_BITS = 1 << 30  # "lowest set bit" of an all-zero row
 
 
+@njit(inline="always")
+def _top_low(v):
+    """(e, l) with |v| < 2**e and v a multiple of 2**l; (-NO_BITS, NO_BITS) for 0 and NaR.
+
+    Subnormals are scaled up by 2**64 first (exactly), so they count like any number.
+    """
+    sub = abs(v) < 2.2250738585072014e-308
+    w = v * 18446744073709551616.0 if sub else v
+    shift = 64 if sub else 0
+    u = f64_as_i64(w)
+    biased = (u >> 52) & 0x7FF
+    m = (u & MANT_MASK) | (np.int64(1) << 52)
+    tz = (f64_as_i64(np.float64(m & -m)) >> 52) - 1023  # trailing zeros of m
+    ok = (biased > 0) & (biased < 0x7FF)
+    return (biased - 1022 - shift if ok else -NO_BITS), (biased - 1075 + tz - shift if ok else NO_BITS)
+
+
 @njit(parallel=True, cache=True)
 def scan_rows(x, top, low, copy, write_copy):
     """Per row r: top[r] = e with max|x[r]| < 2**e, low[r] = exponent of the lowest set bit.
@@ -29,13 +46,9 @@ def scan_rows(x, top, low, copy, write_copy):
             v = np.float64(x[r, k])
             if write_copy:
                 copy[r, k] = v
-            u = f64_as_i64(v)
-            biased = (u >> 52) & 0x7FF
-            m = (u & MANT_MASK) | (np.int64(1) << 52)
-            tz = (f64_as_i64(np.float64(m & -m)) >> 52) - 1023  # trailing zeros of m
-            ok = (biased > 0) & (biased < 0x7FF)
-            hi = max(hi, biased - 1022) if ok else hi
-            lo = min(lo, biased - 1075 + tz) if ok else lo
+            t, b = _top_low(v)
+            hi = max(hi, t)
+            lo = min(lo, b)
         top[r] = hi
         low[r] = lo
 
@@ -77,11 +90,7 @@ def global_span(x):
     hi = -NO_BITS
     lo = NO_BITS
     for i in prange(x.size):
-        u = f64_as_i64(np.float64(x[i]))
-        biased = (u >> 52) & 0x7FF
-        m = (u & MANT_MASK) | (np.int64(1) << 52)
-        tz = (f64_as_i64(np.float64(m & -m)) >> 52) - 1023
-        ok = (biased > 0) & (biased < 0x7FF)
-        hi = max(hi, biased - 1022 if ok else -NO_BITS)
-        lo = min(lo, biased - 1075 + tz if ok else NO_BITS)
+        t, b = _top_low(np.float64(x[i]))
+        hi = max(hi, t)
+        lo = min(lo, b)
     return hi, lo
