@@ -205,7 +205,7 @@ class Posit:
     # Faithful, not correctly rounded: evaluated in float64, then rounded once (as PositNN).
     def exp(self, a: TensorLike) -> torch.Tensor:
         """exp(a) evaluated in float64, then rounded: faithful, not correctly rounded."""
-        return self._via_float64(torch.exp, a)
+        return self._via_float64(_positive(torch.exp), a)
 
     def log(self, a: TensorLike) -> torch.Tensor:
         """log(a) evaluated in float64, then rounded (log(0) is NaR): faithful."""
@@ -213,7 +213,7 @@ class Posit:
 
     def sigmoid(self, a: TensorLike) -> torch.Tensor:
         """sigmoid(a) evaluated in float64, then rounded: faithful."""
-        return self._via_float64(torch.sigmoid, a)
+        return self._via_float64(_positive(torch.sigmoid), a)
 
     def tanh(self, a: TensorLike) -> torch.Tensor:
         """tanh(a) evaluated in float64, then rounded: faithful."""
@@ -221,6 +221,16 @@ class Posit:
 
     def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike) -> torch.Tensor:
         return self.round(fn(_as_tensor(a).double()))
+
+
+def _positive(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn for a function that is positive on every real: a float64 underflow to 0 becomes
+    the smallest subnormal, so the posit result is minpos, never 0; +-inf inputs are NaR."""
+    def f(t: torch.Tensor) -> torch.Tensor:
+        y = fn(t).clamp_min(5e-324)
+        return torch.where(torch.isinf(t), torch.nan, y)
+
+    return f
 
 
 def _describe(x: object) -> str:
