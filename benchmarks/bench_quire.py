@@ -8,6 +8,7 @@ import argparse
 import statistics
 import time
 
+import numba
 import torch
 
 from positnn import Posit, quire
@@ -73,7 +74,7 @@ def slice_gemms(a: torch.Tensor, b: torch.Tensor) -> int:
     """How many float64 slice GEMMs the exact product needs (P * Q)."""
     span_a = _scan(a.unsqueeze(0))[2]
     span_b = _scan(b.t().unsqueeze(0))[2]
-    wa, wb = _widths(span_a, span_b, 53 - max(b.shape[0] - 1, 0).bit_length())
+    wa, wb = _widths(span_a, span_b, 53 - max(b.shape[0] - 1, 0).bit_length(), a.numel(), b.numel(), a.shape[0] * b.shape[1])
     return max(1, -(-span_a // wa)) * max(1, -(-span_b // wb))
 
 
@@ -98,7 +99,11 @@ def run(net: str, shapes, fmt: Posit, repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch and numba threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sums over each network's GEMMs, medians of {args.repeats}")
     for net, shapes in (("LeNet-5", LENET), ("CifarNet", CIFARNET)):
         for fmt in FORMATS:

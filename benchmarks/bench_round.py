@@ -5,6 +5,7 @@ import argparse
 import statistics
 import time
 
+import numba
 import torch
 
 from positnn import Posit
@@ -26,7 +27,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--numel", type=int, default=16 * 2**20)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, help="torch and numba threads (default: all cores)")
     args = parser.parse_args()
+    if args.threads:
+        numba.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.numel:,} elements, median of {args.repeats}")
     print(f"{'input':8} {'op':14} {'M elem/s':>10} {'vs clone':>9}")
     for dtype in (torch.float32, torch.float64):

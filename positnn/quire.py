@@ -70,29 +70,33 @@ def _scan(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, 
     return copy.view(x.shape), top, int((top - low)[used].max()), extent
 
 
-def _widths(span_a: int, span_b: int, budget: int) -> tuple[int, int]:
-    """Slice widths (wa, wb) with wa + wb <= budget bits, fewest slice GEMMs first."""
+def _widths(span_a: int, span_b: int, budget: int, size_a: int = 1, size_b: int = 1, outputs: int = 1) -> tuple[int, int]:
+    """Slice widths (wa, wb) with wa + wb <= budget bits, for the least work.
+
+    The work counted: writing the slices of whichever operand is sliced (size_a, size_b
+    elements), the slice GEMMs (cheap per element), and the exact recombination of
+    several slice products per output.
+    """
     if span_a + span_b <= budget:
         return max(span_a, 1), max(span_b, 1)
     best = None
     for wa in range(1, budget):
-        wb = budget - wa
-        cost = (-(-span_a // wa)) * (-(-span_b // wb))
-        if best is None or cost < best[0]:
-            best = (cost, wa, wb)
+        P, Q = -(-span_a // wa), -(-span_b // (budget - wa))
+        work = (P > 1) * P * size_a + (Q > 1) * Q * size_b + P * Q * outputs * (1 + 8 * (P * Q > 1))
+        if best is None or work < best[0]:
+            best = (work, wa, budget - wa)
     return best[1], best[2]
 
 
 def _slices(x: torch.Tensor, top: torch.Tensor, span: int, w: int) -> torch.Tensor:
-    """x (B, R, K) float64 as exact slices (S, B, R, K) of at most w bits below each row's top."""
+    """x (B, R, K) float64 as exact slices (B, S*R, K) of at most w bits below each row's top."""
     S = max(1, -(-span // w))
     if S == 1:
-        return x.unsqueeze(0)
-    out = torch.empty((S, *x.shape), dtype=torch.float64)
-    slicing.split_rows(x.reshape(-1, x.shape[-1]).numpy(), top.numpy(), w, out.view(S, -1, x.shape[-1]).numpy())
-    nonzero = out.reshape(S, -1).any(dim=1)
-    nonzero[0] = True
-    return out[nonzero]
+        return x
+    nb, R, K = x.shape
+    out = torch.empty((nb, S, R, K), dtype=torch.float64)
+    slicing.split_rows(x.reshape(-1, K).numpy(), top.numpy(), w, out.numpy())
+    return out.view(nb, S * R, K)
 
 
 def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor:
@@ -111,13 +115,11 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
             f"the exact quire works in float64, but products of these operands span 2**{la + lb} to 2**{ta + tb} "
             f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 always fit"
         )
-    wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))))
-    sa = _slices(a64, top_a, span_a, wa)  # (P, B, M, K)
-    sb = _slices(bt64, top_b, span_b, wb)  # (Q, B, N, K)
-    P, Q = sa.shape[0], sb.shape[0]
-    lhs = sa.permute(1, 0, 2, 3).reshape(nb, P * M, K)
-    rhs = sb.permute(1, 0, 2, 3).reshape(nb, Q * N, K).transpose(-1, -2)
-    G = torch.matmul(lhs, rhs)
+    wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))), a.numel(), b.numel(), nb * M * N)
+    lhs = _slices(a64, top_a, span_a, wa)  # (B, P*M, K)
+    rhs = _slices(bt64, top_b, span_b, wb)  # (B, Q*N, K)
+    P, Q = lhs.shape[1] // M, rhs.shape[1] // N
+    G = torch.matmul(lhs, rhs.transpose(-1, -2))
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
     bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
     if P == Q == 1:

@@ -66,21 +66,27 @@ def _truncate_at(v, p):
 
 @njit(parallel=True, cache=True)
 def split_rows(x, top, w, out):
-    """out[s, r, :] = bits of x[r, :] in [top[r] - w(s+1), top[r] - ws); sum over s is x[r]."""
-    S = out.shape[0]
-    R, K = x.shape
-    for r in prange(R):
+    """out[b, s, r, :] = the bits of row (b, r) of x in [top - w(s+1), top - ws).
+
+    x is (B*R, K) and out (B, S, R, K): the S slices of a row sum to it exactly, and each
+    batch's slices stack into one (S*R, K) GEMM operand without a copy.
+    """
+    nb, S, R, K = out.shape
+    for row in prange(nb * R):
+        b = row // R
+        r = row - b * R
+        t = top[row]
         for k in range(K):
-            rest = np.float64(x[r, k])
+            rest = np.float64(x[row, k])
             if not np.isfinite(rest):
-                out[0, r, k] = rest
+                out[b, 0, r, k] = rest
                 for s in range(1, S):
-                    out[s, r, k] = 0.0
+                    out[b, s, r, k] = 0.0
                 continue
             for s in range(S):
-                t = _truncate_at(rest, top[r] - w * (s + 1))
-                out[s, r, k] = t
-                rest = rest - t
+                cut = _truncate_at(rest, t - w * (s + 1))
+                out[b, s, r, k] = cut
+                rest = rest - cut
 
 
 @njit(parallel=True, cache=True)
