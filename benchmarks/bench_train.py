@@ -50,7 +50,7 @@ def time_config(name: str, base, images, labels, batches: int, batch_size: int, 
         loss.backward()
         opt.step()
     seconds = (time.perf_counter() - t0) / batches
-    return {"config": name, "s_per_batch": seconds, "loss": float(loss)}
+    return {"config": name, "s_per_batch": seconds, "loss": float(loss.detach())}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -8,7 +8,8 @@ uses ordinary torch arithmetic, so with every stage float each op equals its tor
 counterpart (up to float reassociation) and float baselines run through the same code.
 
 Parameter gradients: the G result (rounded once from the G quire) is divided by the batch
-size N in G ("positnn" reduction; "mean" leaves it, the loss having divided already), and
+size N in G ("positnn" reduction; "mean" leaves it, the loss having divided already; a
+static loss scale S of the policy joins the divisor, N * S, in the same division), and
 is then added into the parameter's O-precision ``.grad``: set to O.round(g) when ``.grad``
 is None (returned through autograd, so ``torch.autograd.grad`` works), else updated in
 place as ``grad = O.add(grad, g)`` with one rounding. A parameter used twice in one graph
@@ -28,7 +29,7 @@ import torch.nn.functional as TF
 
 from . import quire
 from .format import Posit
-from .policy import LayerPolicy, Policy, maybe_round, round_scalar
+from .policy import LayerPolicy, Policy, is_subformat, maybe_round, round_scalar
 from .stats import LayerStats
 
 PolicyLike = LayerPolicy | Policy | None
@@ -99,6 +100,14 @@ def _record(stats: LayerStats | None, stage: str, t: torch.Tensor | None, fmt: P
         stats.record(stage, t, fmt)
 
 
+def _error_in(gy: torch.Tensor, fmt: Posit | None, lp: LayerPolicy, stats: LayerStats | None, stage: str) -> torch.Tensor:
+    """The incoming error converted to a stage format, counting saturation there (where a
+    loss scale that is too large shows first)."""
+    d = maybe_round(gy, fmt, lp)
+    _record(stats, stage, d, fmt)
+    return d
+
+
 def _pair(v: IntPair) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -109,23 +118,42 @@ def _grad_divisor(lp: LayerPolicy, batch: int) -> float:
     return (batch if lp.grad_reduction == "positnn" else 1) * lp.loss_scale
 
 
-def _param_grad(g: torch.Tensor, param: torch.Tensor, divisor: float, lp: LayerPolicy, stats: LayerStats | None):
-    """Finish a G-quire parameter gradient: divide in G, add into the O ``.grad``.
-
-    Returns what autograd should accumulate (None when the O sum was done in place)."""
+def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor: float, lp: LayerPolicy,
+                 stats: LayerStats | None) -> list[torch.Tensor | None]:
+    """Finish a layer's G-quire parameter gradients [(g, param), ...] in one go (one
+    division and at most one O rounding for all of them): divide by ``divisor`` in G, then
+    add into each parameter's O ``.grad``. Returns, per parameter, what autograd should
+    accumulate (None where the O sum was done in place, or where the parameter is None)."""
+    wanted = [p is not None for _, p in parts]
+    parts = [(g, p) for g, p in parts if p is not None]
+    if not parts:
+        return [None] * len(wanted)
     G, O = lp.gradient, lp.optimizer
+    flat = torch.cat([g.reshape(-1) for g, _ in parts]) if len(parts) > 1 else parts[0][0].reshape(-1)
+    _record(stats, "gradient", flat, G)  # the quire results, before the division shrinks them
     if divisor != 1:
-        g = ops(G).div(g, float(divisor))
-    _record(stats, "gradient", g, G)
-    g = g.reshape(param.shape)
+        flat = ops(G).div(flat, float(divisor))
+    pieces = flat.split([p.numel() for _, p in parts])
     if O is None:
-        return g
-    if param.grad is None:
-        return maybe_round(g, O, lp)
-    with torch.no_grad():
-        param.grad.copy_(O.add(param.grad, g))
-    _record(stats, "optimizer", param.grad, O)
-    return None
+        return _spread([g.view(p.shape) for g, (_, p) in zip(pieces, parts)], wanted)
+    # Into an empty O buffer: O.round(g), which is only a cast when G's values are O's.
+    flat_o = flat.to(O.dtype) if is_subformat(G, O) else maybe_round(flat, O, lp)
+    out: list[torch.Tensor | None] = []
+    for g_g, g_o, (_, p) in zip(pieces, flat_o.split([p.numel() for _, p in parts]), parts):
+        if p.grad is None:
+            out.append(g_o.view(p.shape))
+            continue
+        with torch.no_grad():  # into an existing O buffer: one rounding of the exact sum
+            p.grad.copy_(O.add(p.grad, g_g.view(p.shape)))
+        _record(stats, "optimizer", p.grad, O)
+        out.append(None)
+    return _spread(out, wanted)
+
+
+def _spread(values: list, wanted: list[bool]) -> list:
+    """Put ``values`` at the wanted positions, None elsewhere."""
+    it = iter(values)
+    return [next(it) if w else None for w in wanted]
 
 
 def _batch(x: torch.Tensor) -> int:
@@ -143,7 +171,7 @@ class _Linear(torch.autograd.Function):
         else:
             y = quire.linear(x_f, w_f, b_f, F, mode=lp.quire, underflow=lp.underflow)
         _record(stats, "forward", y, F)
-        x_g = x_f if G == F else maybe_round(x_f, G, lp)
+        x_g = x_f if is_subformat(F, G) else maybe_round(x_f, G, lp)
         ctx.save_for_backward(x_g, w_b)
         ctx.lp, ctx.stats, ctx.weight, ctx.bias = lp, stats, weight, bias
         return y
@@ -156,11 +184,11 @@ class _Linear(torch.autograd.Function):
         gx = gw = gb = None
         d_b = None
         if ctx.needs_input_grad[0]:
-            d_b = maybe_round(gy, B, lp)
+            d_b = _error_in(gy, B, lp, stats, "backward")
             gx = _mm(d_b, w_b, B, lp)
             _record(stats, "backward", gx, B)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            d_g = d_b if (d_b is not None and G == B) else maybe_round(gy, G, lp)
+            d_g = d_b if (d_b is not None and G == B) else _error_in(gy, G, lp, stats, "gradient")
             d2 = d_g.reshape(-1, d_g.shape[-1])
             x2 = x_g.reshape(-1, x_g.shape[-1])
             div = _grad_divisor(lp, _batch(x_g))
@@ -169,10 +197,8 @@ class _Linear(torch.autograd.Function):
                 # the same G quires, one launch fewer.
                 x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
             g = _mm(d2.transpose(0, 1), x2, G, lp)
-            if ctx.needs_input_grad[1]:
-                gw = _param_grad(g[:, :x_g.shape[-1]], ctx.weight, div, lp, stats)
-            if ctx.needs_input_grad[2]:
-                gb = _param_grad(g[:, -1], ctx.bias, div, lp, stats)
+            gw, gb = _param_grads([(g[:, :x_g.shape[-1]], ctx.weight if ctx.needs_input_grad[1] else None),
+                                   (g[:, -1], ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
         return gx, gw, gb, None, None, None, None, None
 
 
@@ -224,7 +250,7 @@ class _Conv2d(torch.autograd.Function):
         x_f = maybe_round(x, F, lp)
         y = _conv(x_f, w_f, b_f, F, lp, stride, padding, dilation, groups)
         _record(stats, "forward", y, F)
-        x_g = x_f if G == F else maybe_round(x_f, G, lp)
+        x_g = x_f if is_subformat(F, G) else maybe_round(x_f, G, lp)
         ctx.save_for_backward(x_g, w_b)
         ctx.lp, ctx.stats, ctx.weight, ctx.bias, ctx.geometry = lp, stats, weight, bias, geometry
         return y
@@ -238,18 +264,19 @@ class _Conv2d(torch.autograd.Function):
         gx = gw = gb = None
         d_b = None
         if ctx.needs_input_grad[0]:
-            d_b = maybe_round(gy, B, lp)
+            d_b = _error_in(gy, B, lp, stats, "backward")
             gx = _conv_input_grad(d_b, w_b, x_g.shape, stride, padding, dilation, groups, B, lp)
             _record(stats, "backward", gx, B)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            d_g = d_b if (d_b is not None and G == B) else maybe_round(gy, G, lp)
+            d_g = d_b if (d_b is not None and G == B) else _error_in(gy, G, lp, stats, "gradient")
             div = _grad_divisor(lp, d_g.shape[0])
+            gw = gb = None
             if ctx.needs_input_grad[1]:
-                g = _conv_weight_grad(x_g, d_g, ctx.weight.shape, stride, padding, dilation, groups, G, lp)
-                gw = _param_grad(g, ctx.weight, div, lp, stats)
+                gw = _conv_weight_grad(x_g, d_g, ctx.weight.shape, stride, padding, dilation, groups, G, lp)
             if ctx.needs_input_grad[2]:
-                per_channel = d_g.transpose(0, 1).reshape(d_g.shape[1], -1)  # (Co, N*L)
-                gb = _param_grad(_sum(per_channel, 1, G, lp), ctx.bias, div, lp, stats)
+                gb = _sum(d_g.transpose(0, 1).reshape(d_g.shape[1], -1), 1, G, lp)  # over (N, Hout, Wout)
+            gw, gb = _param_grads([(gw, ctx.weight if gw is not None else None),
+                                   (gb, ctx.bias if gb is not None else None)], div, lp, stats)
         return gx, gw, gb, None, None, None, None, None, None
 
 
@@ -562,10 +589,8 @@ class _BatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_g, xhat_g = maybe_round(g, G, lp), maybe_round(xhat, G, lp)
             div = _grad_divisor(lp, ctx.shape[0])
-            if ctx.needs_input_grad[1]:
-                gw = _param_grad(_rowdot(g_g, xhat_g, G, lp), ctx.weight, div, lp, stats)
-            if ctx.needs_input_grad[2]:
-                gb = _param_grad(_sum(g_g, 1, G, lp), ctx.bias, div, lp, stats)
+            gw, gb = _param_grads([(_rowdot(g_g, xhat_g, G, lp), ctx.weight if ctx.needs_input_grad[1] else None),
+                                   (_sum(g_g, 1, G, lp), ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
         if ctx.needs_input_grad[0]:
             g_b, xhat_b, inv_b = maybe_round(g, B, lp), maybe_round(xhat, B, lp), maybe_round(inv_std, B, lp)
             dxhat = g_b if w_b is None else Bo.mul(g_b, w_b[:, None])

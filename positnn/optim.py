@@ -141,9 +141,11 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
             st["momentum_buffer"] = chunk.clone().view_as(p)
         g = O.fma(m, buf, g) if nesterov else buf
     new = _fused(O, lp, -round_scalar(lr, O), g, w)
+    clean = bool(torch.linalg.vector_norm(new, float("inf")) < O.maxpos)  # one check for all
     for p, chunk in zip(params, new.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
-        _record(p, O)
+        if not clean:
+            _record(p, O)
 
 
 class Adam(Optimizer):
@@ -224,3 +226,63 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, bet
     denom = O.add(O.sqrt(O.div(v, round_scalar(bc2, O))), round_scalar(eps, O))
     p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), O.div(m, denom), p))
     _record(p, O)
+
+
+class GradScaler:
+    """Dynamic loss scaling for posit training, in the style of ``torch.amp.GradScaler``.
+
+    ``scaler.scale(loss).backward()`` multiplies the loss gradient by the scale S (a power
+    of two, so the L multiplication is exact unless it saturates); ``scaler.step(opt)``
+    looks at the model's NaR/saturation counters of the backward, gradient and loss stages
+    since the previous step: if any event occurred the step is skipped and S is multiplied
+    by ``backoff_factor``, otherwise every gradient is divided by S in its O format and the
+    optimizer steps; after ``growth_interval`` clean steps S grows by ``growth_factor``.
+    A static scale is the policy's ``loss_scale`` instead (divided out in the layers).
+    """
+
+    STAGES = ("backward", "gradient", "loss")
+
+    def __init__(self, model: torch.nn.Module, init_scale: float = 2.0**8, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 1000) -> None:
+        for name, v in (("init_scale", init_scale), ("growth_factor", growth_factor)):
+            if not (v > 0 and math.log2(v).is_integer()):
+                raise ValueError(f"{name} must be a power of two, got {v}")
+        if not (0 < backoff_factor < 1 and math.log2(backoff_factor).is_integer()):
+            raise ValueError(f"backoff_factor must be a power of two below 1, got {backoff_factor}")
+        self.model, self.scale_value = model, float(init_scale)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self._good_steps, self._seen = 0, self._events()
+        self.skipped = 0
+
+    def _events(self) -> int:
+        from .stats import counters
+
+        return sum(sum(c.values()) for stages in counters(self.model).values()
+                   for stage, c in stages.items() if stage in self.STAGES)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times S (only its gradient matters: the loss op scales that in L)."""
+        return loss * self.scale_value
+
+    @torch.no_grad()
+    def step(self, optimizer: Optimizer) -> bool:
+        """Unscale and step, or skip on NaR/saturation; returns whether it stepped."""
+        events = self._events()
+        # Counters only grow, except through stats.reset (then anything counted is new).
+        clean = events == self._seen or events == 0
+        self._seen = events
+        if not clean:
+            self.scale_value *= self.backoff_factor
+            self._good_steps, self.skipped = 0, self.skipped + 1
+            return False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    O, _ = _stage(p)
+                    p.grad.copy_(p.grad / self.scale_value if O is None else O.div(p.grad, self.scale_value))
+        optimizer.step()
+        self._good_steps += 1
+        if self._good_steps >= self.growth_interval:
+            self.scale_value *= self.growth_factor
+            self._good_steps = 0
+        return True

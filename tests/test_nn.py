@@ -135,7 +135,7 @@ def test_losses_check_nar():
     assert stats.counters(nn.Sequential(rep), nonzero=True) == {"0": {"loss": {"nar": 1, "saturation": 0}}}
     stats.reset(nn.Sequential(rep))
     assert stats.total(nn.Sequential(rep)) == {"nar": 0, "saturation": 0}
-    assert pnn.CrossEntropyLoss(Policy.parse(RECIPE).__class__(loss=P16, on_nar="report")).on_nar == "report"
+    assert pnn.CrossEntropyLoss(Policy(loss=P16, on_nar="report")).on_nar == "report"
     with pytest.raises(ValueError, match="reduction"):
         pnn.MSELoss(RECIPE, reduction="sum")
     mse = pnn.MSELoss(RECIPE)

@@ -1,6 +1,8 @@
 """Optimizers: posit steps equal the reference formulas rounded in O; float steps equal
 torch's; schedulers work; modules see the updated weights."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -129,3 +131,30 @@ def test_invalid_hyperparameters():
         optim.SGD(p, lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="beta"):
         optim.Adam(p, betas=(1.5, 0.9))
+
+
+def test_grad_scaler_backs_off_on_saturation_then_unscales():
+    torch.manual_seed(6)
+    model = nn.Sequential(pnn.Linear(8, 4, policy=RECIPE))
+    crit = pnn.CrossEntropyLoss(RECIPE)
+    opt = optim.SGD(model.parameters(), lr=1 / 16)
+    scaler = optim.GradScaler(model, init_scale=2.0**40, growth_interval=2)
+    x, y = torch.randn(5, 8), torch.randint(0, 4, (5,))
+    steps = []
+    for _ in range(4):
+        opt.zero_grad()
+        scaler.scale(crit(model(x), y)).backward()
+        steps.append(scaler.step(opt))
+    assert steps[0] is False and scaler.skipped >= 1 and scaler.scale_value < 2.0**40
+    # A clean step divides the scaled gradients by S in O: close to the unscaled ones.
+    scaled, plain = copy.deepcopy(model), copy.deepcopy(model)
+    sc = optim.GradScaler(scaled, init_scale=4.0)
+    o1, o2 = optim.SGD(scaled.parameters(), lr=1 / 16), optim.SGD(plain.parameters(), lr=1 / 16)
+    sc.scale(crit(scaled(x), y)).backward()
+    crit(plain(x), y).backward()
+    assert sc.step(o1)
+    o2.step()
+    assert torch.allclose(scaled[0].weight.grad, plain[0].weight.grad, rtol=0.15, atol=1e-3)
+    assert torch.allclose(scaled[0].weight, plain[0].weight, atol=1e-3)
+    with pytest.raises(ValueError, match="power of two"):
+        optim.GradScaler(model, init_scale=3.0)

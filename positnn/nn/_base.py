@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..format import Posit
-from ..policy import STAGES, LayerPolicy, Policy, maybe_round
+from ..policy import LayerPolicy, Policy, maybe_round
 from ..stats import LayerStats
 
 _CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
@@ -49,7 +49,7 @@ class PositModule(nn.Module):
         super().__init__()
         self.policy = layer_policy(policy, name)
         self.posit_stats = LayerStats()
-        self._copy_cache: dict[tuple[str, str], tuple[tuple[int, int, int], torch.Tensor]] = {}
+        self._copy_cache: dict[Posit | None, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     # -- masters and copies ----------------------------------------------------------------
     def _master(self, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -73,20 +73,27 @@ class PositModule(nn.Module):
                 t.posit_stats = self.posit_stats
 
     def _copy(self, name: str, stage: str) -> torch.Tensor | None:
-        """The ``stage`` copy of master ``name``, re-rounded only after the master changed."""
-        master = getattr(self, name)
-        if master is None:
+        """The ``stage`` copy of parameter ``name`` (weight or bias)."""
+        if getattr(self, name) is None:
             return None
         fmt = getattr(self.policy, stage)
         if fmt == self.policy.optimizer:
-            return master.detach()
-        key = (master._version, master.data_ptr(), id(master))
-        hit = self._copy_cache.get((name, stage))
+            return getattr(self, name).detach()
+        return self._copies(fmt)[name]
+
+    def _copies(self, fmt: Posit | None) -> dict[str, torch.Tensor]:
+        """Copies in ``fmt`` of all parameters, rounded together in one pass and only after
+        a master changed (keyed by version counters; stages sharing a format share them)."""
+        params = [(n, t) for n, t in self._masters() if isinstance(t, nn.Parameter)]
+        key = tuple((t._version, t.data_ptr(), id(t)) for _, t in params)
+        hit = self._copy_cache.get(fmt)
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            value = maybe_round(master.detach(), fmt, self.policy)
-        self._copy_cache[(name, stage)] = (key, value)
+            flat = torch.cat([t.detach().reshape(-1) for _, t in params]) if len(params) > 1 else params[0][1].detach().reshape(-1)
+            pieces = maybe_round(flat, fmt, self.policy).split([t.numel() for _, t in params])
+            value = {n: piece.view(t.shape) for piece, (n, t) in zip(pieces, params)}
+        self._copy_cache[fmt] = (key, value)
         return value
 
     def __setstate__(self, state: dict) -> None:
@@ -171,7 +178,3 @@ def load_state_dict(model: nn.Module, state_dict: Mapping[str, Any], *, convert_
     finally:
         _CONVERT_FORMAT.reset(token)
 
-
-def stage_formats(policy: LayerPolicy) -> dict[str, Posit | None]:
-    """{stage: format} of a layer policy (for reports)."""
-    return {s: getattr(policy, s) for s in STAGES}
