@@ -64,7 +64,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     if args.threads:
+        import numba
+
         torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     train = load_dataset("fashion-mnist", "train", args.data_dir)
     images, labels = train.tensors
     per_epoch = -(-len(labels) // args.batch_size)
