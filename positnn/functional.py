@@ -352,7 +352,10 @@ def max_pool2d(x: torch.Tensor, kernel_size: IntPair, stride: IntPair | None = N
     """Max pooling: the forward selects (exact in any format); the backward routes each
     output error to its argmax, exactly, summing overlapping windows in a B quire."""
     k = _pair(kernel_size)
-    return _MaxPool2d.apply(x, k, _pair(stride) if stride is not None else k, _pair(padding), _pair(dilation), resolve(policy))
+    s = _pair(stride) if stride is not None else k
+    if not (torch.is_grad_enabled() and x.requires_grad):  # inference: no indices to keep
+        return TF.max_pool2d(x, k, s, _pair(padding), _pair(dilation))
+    return _MaxPool2d.apply(x, k, s, _pair(padding), _pair(dilation), resolve(policy))
 
 
 def _fold_exact(cols: torch.Tensor, out_hw, kernel, stride, padding, fmt, lp) -> torch.Tensor:
@@ -425,6 +428,8 @@ class _ReLU(torch.autograd.Function):
 
 def relu(x: torch.Tensor, policy: PolicyLike = None) -> torch.Tensor:
     """max(x, 0): exact in every format (NaR stays NaR); the error is routed, not rounded."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return torch.relu(x)
     return _ReLU.apply(x)
 
 

@@ -173,7 +173,7 @@ class Policy:
             raise ValueError(f"recipe must be a non-empty string such as 'posit8-O16-L16q', got {text!r}")
         body = text.strip()
         quire = "none"
-        if body.endswith("q") and parse_format_or_none(body) is None:
+        if body[-1] in "qQ" and parse_format_or_none(body) is None:
             body, quire = body[:-1], "exact"
         parts = body.split("-")
         base = parse_format(parts[0], f"recipe {text!r}: base format {parts[0]!r}")

@@ -86,6 +86,8 @@ def write_results(table: str, configs: dict[str, TrainConfig], out: Path) -> Pat
         ours = f"{metrics[-1]['top1']:.2f}%" if metrics else "not run"
         if metrics and len(metrics) < cfg.epochs:
             ours += f" (after {len(metrics)} of {cfg.epochs} epochs)"
+        if metrics and cfg.subset:
+            ours += f" (first {cfg.subset:,} images, {cfg.epochs} epochs)"
         paper = PAPER_TABLE7.get(cfg.policy, {}).get(cfg.dataset) if table == "table7" else PAPER_TABLE4.get(cfg.policy)
         rows.append([cfg.dataset, cfg.policy, ours, f"{paper:.2f}%" if paper is not None else "-"])
         if metrics:
