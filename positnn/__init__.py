@@ -1,12 +1,22 @@
 """positnn: deep learning in simulated posit arithmetic, on PyTorch.
 
-Layers, each importing only those above it in this list: ``format`` (the Posit format:
-rounding, bit patterns, correctly rounded ops) -> ``kernels`` (fused numba loops) ->
-``quire`` (exact dot products, matmul, conv) -> ``functional`` (autograd ops) ->
-``nn``, ``optim`` and ``policy`` -> ``cli``.
+Layers, each importing only those before it: ``format`` (the Posit format: rounding, bit
+patterns, correctly rounded ops, on the fused numba loops of ``kernels``) -> ``quire``
+(exact dot products, matmul, conv) -> ``policy`` (the five stages) -> ``functional``
+(autograd ops) -> ``nn``, ``optim``, ``convert`` -> ``data``, ``models``, ``train`` ->
+``cli``. Nothing imports ``cli``.
 """
 
-from .format import Posit as Posit
-
-__all__ = ["Posit"]
 __version__ = "0.1.0"
+
+from . import functional as functional  # noqa: E402
+from . import nn as nn  # noqa: E402
+from . import optim as optim  # noqa: E402
+from . import quire as quire  # noqa: E402
+from . import stats as stats  # noqa: E402
+from .convert import convert as convert  # noqa: E402
+from .format import Posit as Posit  # noqa: E402
+from .policy import LayerPolicy as LayerPolicy  # noqa: E402
+from .policy import Policy as Policy  # noqa: E402
+
+__all__ = ["LayerPolicy", "Policy", "Posit", "convert", "functional", "nn", "optim", "quire", "stats"]
