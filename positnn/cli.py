@@ -6,8 +6,10 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
+
+import torch
 
 from .format import Posit
 from .train import CHECKPOINT, TrainConfig
@@ -38,6 +40,11 @@ def _cmd_train(args) -> int:
 
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     out = Path(args.out or f"runs/{cfg.dataset}-{cfg.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', cfg.policy)}")
+    if args.resume and (out / CHECKPOINT).exists():
+        # A resumed run keeps its own config; only more epochs or other threads may be asked for.
+        saved = TrainConfig.from_dict(torch.load(out / CHECKPOINT, weights_only=False)["config"])
+        default_epochs = TrainConfig.__dataclass_fields__["epochs"].default
+        cfg = replace(saved, threads=args.threads, epochs=saved.epochs if args.epochs == default_epochs else args.epochs)
     if (out / CHECKPOINT).exists() and not args.resume:
         print(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one", file=sys.stderr)
         return 2

@@ -100,3 +100,14 @@ def test_reproduce_from_toml_writes_the_table_and_curves(tmp_path):
     text = (tmp_path / "res" / "results.md").read_text()
     assert "| mnist | float32 |" in text and "not run" not in text
     assert (tmp_path / "res" / "curves.png").exists()
+
+
+def test_resume_from_the_command_line_keeps_the_runs_config(tmp_path):
+    out = tmp_path / "run"
+    base = ["train", "--dataset", "mnist", "--data-dir", str(MNIST), "--subset", "128", "--out", str(out),
+            "--no-progress", "--threads", "1", "--policy", "float32"]
+    assert main(base + ["--epochs", "1"]) == 0
+    # Only --out, --resume and more epochs: dataset, subset and policy come from the checkpoint.
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3
