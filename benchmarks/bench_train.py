@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--subset", type=float, default=0.05, help="fraction of an epoch to time (default 0.05)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before timing")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads for torch and for the numba kernels (default: their own defaults)")
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), help=f"default: {' '.join(CONFIGS)}")
     ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -76,8 +77,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     base = lenet5()
     rows = [time_config(c, base, images, labels, batches, args.batch_size, args.warmup) for c in args.configs]
     ref = next((r["s_per_batch"] for r in rows if r["config"] == "float32-torch"), None)
+    import numba
+
     print(f"LeNet-5, Fashion-MNIST, batch {args.batch_size}, {batches} timed batches of {per_epoch} per epoch, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} torch / {numba.get_num_threads()} numba threads")
     print(f"{'config':18} {'ms/batch':>9} {'s/epoch':>9} {'x float32':>10}")
     for r in rows:
         r["s_per_epoch"] = r["s_per_batch"] * per_epoch
