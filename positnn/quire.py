@@ -234,9 +234,9 @@ def _native_exact(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
     partial sum, in any order, is then a multiple of the smallest product unit below 2**53
     of them. NaR makes this False (the slower path keeps NaR where it belongs).
     """
-    ta, la = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
-    tb, lb = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+    ta, la, bad_a = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
+    tb, lb, bad_b = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
+    if bad_a or bad_b:
         return False
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
         return True  # an all-zero operand

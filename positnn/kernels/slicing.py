@@ -91,12 +91,16 @@ def split_rows(x, top, w, out):
 
 @njit(parallel=True, cache=True)
 def global_span(x):
-    """(top, low) over all finite nonzero entries of a flat array: max|x| < 2**top and
-    every entry is a multiple of 2**low. (-NO_BITS, NO_BITS) when there are none."""
+    """(top, low, nonfinite) over a flat array: max|x| < 2**top and every finite nonzero
+    entry is a multiple of 2**low ((-NO_BITS, NO_BITS) when there are none), and how many
+    entries are NaN or infinite, all in one pass."""
     hi = -NO_BITS
     lo = NO_BITS
+    nonfinite = 0
     for i in prange(x.size):
-        t, b = _top_low(np.float64(x[i]))
+        v = np.float64(x[i])
+        t, b = _top_low(v)
         hi = max(hi, t)
         lo = min(lo, b)
-    return hi, lo
+        nonfinite += 0 if np.isfinite(v) else 1
+    return hi, lo, nonfinite
