@@ -91,13 +91,52 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
     unmatched = policy.unmatched_patterns(names)
     if unmatched:
         raise ValueError(f"policy layer pattern(s) {unmatched} match no module; module paths are: {names}")
+    meta = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(f"cannot convert a model on the meta device (tensors {meta[:5]} hold no values); "
+                         f"materialise it first, e.g. model.to_empty(device='cpu') and initialise its weights")
     if not inplace:
         model = copy.deepcopy(model)
     if type(model) in SUPPORTED:
         return SUPPORTED[type(model)].from_float(model, policy.for_layer(""), "")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) in SUPPORTED:
+    tied = _tied_parameters(model)
+    # A module reached by two paths becomes one posit module, converted under its first path.
+    converted: dict[int, nn.Module] = {}
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(module._modules.items()):  # named_children() skips repeats
+            if type(child) in SUPPORTED or id(child) in converted:
                 path = f"{name}.{child_name}" if name else child_name
-                setattr(module, child_name, SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path))
+                if id(child) not in converted:
+                    converted[id(child)] = SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path)
+                setattr(module, child_name, converted[id(child)])
+    for owners in tied:
+        _retie([(converted.get(id(m), m), attr, path) for m, attr, path in owners])
     return model
+
+
+def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]:
+    """Groups of (module, attribute, path) that hold one parameter object, over distinct
+    modules (a module shared by two paths is one owner)."""
+    owners: dict[int, dict[int, tuple[nn.Module, str, str]]] = {}
+    for mpath, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), {}).setdefault(id(m), (m, attr, f"{mpath}.{attr}" if mpath else attr))
+    return [list(group.values()) for group in owners.values() if len(group) > 1]
+
+
+def _retie(owners: list[tuple[nn.Module, str, str]]) -> None:
+    """Make converted owners of one tied parameter share one posit master again; tie only
+    what one O format can hold."""
+    first, attr0, path0 = owners[0]
+    kept = getattr(first, attr0)
+    fmt0 = _master_format(first)
+    for m, attr, path in owners[1:]:
+        if _master_format(m) != fmt0:
+            raise ValueError(f"tied parameter {path0} / {path}: the policy gives them different O formats "
+                             f"({fmt0 or 'float'} and {_master_format(m) or 'float'}); one parameter has one master")
+        setattr(m, attr, kept)
+    kept.posit_shared = True  # the layers sum its contributions in O (see functional)
+
+
+def _master_format(module: nn.Module):
+    return module.policy.optimizer if isinstance(module, pnn.PositModule) else None

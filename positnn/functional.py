@@ -7,13 +7,16 @@ section 4). Loss ops compute in L. A stage that is ``None`` is plain float: the 
 uses ordinary torch arithmetic, so with every stage float each op equals its torch
 counterpart (up to float reassociation) and float baselines run through the same code.
 
-Parameter gradients: the G result (rounded once from the G quire) is divided by the batch
-size N in G ("positnn" reduction; "mean" leaves it, the loss having divided already; a
-static loss scale S of the policy joins the divisor, N * S, in the same division), and
-is then added into the parameter's O-precision ``.grad``: set to O.round(g) when ``.grad``
-is None (returned through autograd, so ``torch.autograd.grad`` works), else updated in
-place as ``grad = O.add(grad, g)`` with one rounding. A parameter used twice in one graph
-has its two contributions summed by autograd in float before that; avoid weight sharing.
+Parameter gradients: the G result (rounded once from the G quire) is divided in G by the
+factor the loss announced for this backward pass (``positnn.reduction``): the batch size N
+for a positnn loss under the "positnn" reduction, times the policy's static loss scale;
+1 for torch's losses or a custom one, whose gradient is already the true one. So ``.grad``
+is always the gradient of the loss the user wrote, rounded to O. The G result is then
+added into the parameter's O ``.grad``: set to O.round(g) when ``.grad`` is None
+(returned through autograd, so ``torch.autograd.grad`` works), else updated in place as
+``grad = O.add(grad, g)`` with one rounding. A parameter shared by several layers (tied
+weights, tagged ``posit_shared`` by ``convert``) always takes the in-place path, so its
+contributions are summed in O one rounding each, never in the float carrier.
 
 Functional callers pass a :class:`~positnn.policy.LayerPolicy` (or a Policy, resolved for
 the root, or None for float); modules also pass their cached F/B weight copies and their
@@ -27,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as TF
 
-from . import quire
+from . import quire, reduction
 from .format import Posit
 from .policy import LayerPolicy, Policy, is_subformat, maybe_round, round_scalar
 from .stats import LayerStats
@@ -112,12 +115,6 @@ def _pair(v: IntPair) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _grad_divisor(lp: LayerPolicy, batch: int) -> float:
-    """What a layer divides its weight gradients by: N (positnn reduction) times the
-    static loss scale."""
-    return (batch if lp.grad_reduction == "positnn" else 1) * lp.loss_scale
-
-
 def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor: float, lp: LayerPolicy,
                  stats: LayerStats | None) -> list[torch.Tensor | None]:
     """Finish a layer's G-quire parameter gradients [(g, param), ...] in one go (one
@@ -140,11 +137,15 @@ def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor:
     flat_o = flat.to(O.dtype) if is_subformat(G, O) else maybe_round(flat, O, lp)
     out: list[torch.Tensor | None] = []
     for g_g, g_o, (_, p) in zip(pieces, flat_o.split([p.numel() for _, p in parts]), parts):
-        if p.grad is None:
+        shared = getattr(p, "posit_shared", False)
+        if p.grad is None and not shared:
             out.append(g_o.view(p.shape))
             continue
         with torch.no_grad():  # into an existing O buffer: one rounding of the exact sum
-            p.grad.copy_(O.add(p.grad, g_g.view(p.shape)))
+            if p.grad is None:
+                p.grad = g_o.view(p.shape).clone()
+            else:
+                p.grad.copy_(O.add(p.grad, g_g.view(p.shape)))
         _record(stats, "optimizer", p.grad, O)
         out.append(None)
     return _spread(out, wanted)
@@ -191,7 +192,7 @@ class _Linear(torch.autograd.Function):
             d_g = d_b if (d_b is not None and G == B) else _error_in(gy, G, lp, stats, "gradient")
             d2 = d_g.reshape(-1, d_g.shape[-1])
             x2 = x_g.reshape(-1, x_g.shape[-1])
-            div = _grad_divisor(lp, _batch(x_g))
+            div = reduction.divisor()
             if ctx.needs_input_grad[2]:
                 # The bias gradient rides in the weight-gradient GEMM as a column of ones:
                 # the same G quires, one launch fewer.
@@ -269,7 +270,7 @@ class _Conv2d(torch.autograd.Function):
             _record(stats, "backward", gx, B)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_g = d_b if (d_b is not None and G == B) else _error_in(gy, G, lp, stats, "gradient")
-            div = _grad_divisor(lp, d_g.shape[0])
+            div = reduction.divisor()
             gw = gb = None
             if ctx.needs_input_grad[1]:
                 gw = _conv_weight_grad(x_g, d_g, ctx.weight.shape, stride, padding, dilation, groups, G, lp)
@@ -593,7 +594,7 @@ class _BatchNorm(torch.autograd.Function):
         gx = gw = gb = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_g, xhat_g = maybe_round(g, G, lp), maybe_round(xhat, G, lp)
-            div = _grad_divisor(lp, ctx.shape[0])
+            div = reduction.divisor()
             gw, gb = _param_grads([(_rowdot(g_g, xhat_g, G, lp), ctx.weight if ctx.needs_input_grad[1] else None),
                                    (_sum(g_g, 1, G, lp), ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
         if ctx.needs_input_grad[0]:
@@ -633,6 +634,9 @@ def batch_norm(
     B with quire sums; gamma and beta gradients in G quires, divided by N, added into O.
     """
     lp = resolve(policy)
+    if training and x.numel() <= x.shape[1]:
+        # As torch: the batch variance of one value is 0, which would silently zero the output.
+        raise ValueError(f"batch_norm needs more than 1 value per channel when training, got input size {tuple(x.shape)}")
     if not training and (running_mean is None or running_var is None):
         raise ValueError("batch_norm in eval mode needs running_mean and running_var")
     w_f = None if weight is None else (maybe_round(weight.detach(), lp.forward, lp) if weight_f is None else weight_f)
@@ -679,11 +683,15 @@ def log_softmax(x: torch.Tensor, dim: int = -1, policy: PolicyLike = None) -> to
     return _LogSoftmax.apply(x, dim, resolve(policy))
 
 
-def _loss_grad_factor(lp: LayerPolicy, gy: torch.Tensor, count: int) -> float:
+def _loss_grad_factor(lp: LayerPolicy, gy: torch.Tensor, count: int, batch: int) -> float:
     """The factor of the per-element loss gradient: the upstream gradient times the loss
-    scale, over ``count`` under the "mean" reduction (positnn: unscaled, layers divide)."""
+    scale, over ``count`` under the "mean" reduction, over ``count / batch`` under
+    "positnn" (the gradient is left N times the true one). Announces to the layers how
+    much larger than the true gradient that makes it (see ``positnn.reduction``)."""
+    positnn = lp.grad_reduction == "positnn"
+    reduction.announce(lp.loss_scale * (batch if positnn else 1))
     f = float(gy) * lp.loss_scale
-    return f / count if lp.grad_reduction == "mean" else f
+    return f / (count / batch) if positnn else f / count
 
 
 class _CrossEntropy(torch.autograd.Function):
@@ -708,7 +716,7 @@ class _CrossEntropy(torch.autograd.Function):
         softmax = Lo.div(e, s)
         idx = target.unsqueeze(1)
         g = softmax.scatter(1, idx, Lo.sub(softmax.gather(1, idx), 1.0))  # softmax - onehot
-        factor = _loss_grad_factor(lp, gy, g.shape[0])
+        factor = _loss_grad_factor(lp, gy, g.shape[0], g.shape[0])
         if factor != 1.0:
             g = Lo.mul(g, factor)
         return g, None, None
@@ -745,8 +753,7 @@ class _MSE(torch.autograd.Function):
         (d,) = ctx.saved_tensors
         lp = ctx.lp
         # torch's mean gradient is 2 d / numel; "positnn" multiplies it by N (2 d / D).
-        per = d.numel() / (_batch(d) if lp.grad_reduction == "positnn" else 1)
-        factor = 2.0 * _loss_grad_factor(lp, gy, 1) / per
+        factor = 2.0 * _loss_grad_factor(lp, gy, d.numel(), _batch(d))
         g = d if factor == 1.0 else ops(lp.loss).mul(d, factor)
         return g, None, None
 

@@ -36,12 +36,36 @@ def _stage(p: torch.Tensor) -> tuple[Posit | None, LayerPolicy | None]:
     return (lp.optimizer if lp is not None else None), lp
 
 
-def _fused(O: Posit, lp: LayerPolicy, a: Any, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a * b + c rounded once to O (stochastically when the policy says so)."""
+def _fused(O: Posit, lp: LayerPolicy, a: Any, b: torch.Tensor, c: torch.Tensor,
+           generator: torch.Generator | None) -> torch.Tensor:
+    """a * b + c rounded once to O (stochastically when the policy says so, drawing from
+    ``generator``)."""
     if lp.rounding == "stochastic":
         exact = torch.as_tensor(a, dtype=torch.float64) * b.double() + c.double()
-        return O.round(exact, "stochastic", underflow=lp.underflow)
+        return O.round(exact, "stochastic", underflow=lp.underflow, generator=generator)
     return O.fma(a, b, c)
+
+
+class _PositOptimizer(Optimizer):
+    """The state every positnn optimizer adds to torch's: the generator that stochastic
+    rounding draws from, seeded from torch's initial seed and saved in the state dict, so
+    a resumed run draws what an uninterrupted one would."""
+
+    updates_in_o = True  # masters stay in O: the torch-optimizer hook of positnn.nn leaves them
+
+    def __init__(self, params: Iterable, defaults: dict) -> None:
+        super().__init__(params, defaults)
+        self.generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63)
+
+    def state_dict(self) -> dict[str, Any]:
+        return super().state_dict() | {"rounding_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rounding_generator", None)
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            self.generator.set_state(rng)
 
 
 def _record(p: torch.Tensor, O: Posit) -> None:
@@ -50,7 +74,7 @@ def _record(p: torch.Tensor, O: Posit) -> None:
         stats.record("optimizer", p, O)
 
 
-class SGD(Optimizer):
+class SGD(_PositOptimizer):
     """Stochastic gradient descent with momentum, dampening, Nesterov and weight decay,
     computed in each parameter's O format (torch's SGD for float parameters)."""
 
@@ -77,7 +101,7 @@ class SGD(Optimizer):
         for group in self.param_groups:
             hyper = {k: group[k] for k in ("lr", "momentum", "dampening", "weight_decay", "nesterov")}
             for ps in _batches([p for p in group["params"] if p.grad is not None]):
-                sgd_update(ps, [self.state[p] for p in ps], **hyper)
+                sgd_update(ps, [self.state[p] for p in ps], **hyper, generator=self.generator)
         return loss
 
 
@@ -101,7 +125,7 @@ def _flat(ts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, momentum: float, dampening: float,
-               weight_decay: float, nesterov: bool) -> None:
+               weight_decay: float, nesterov: bool, generator: torch.Generator | None = None) -> None:
     """One SGD step (in place) of parameters that share an O format (or of one float
     parameter, with torch's formulas), reading their ``.grad``s."""
     O, lp = _stage(params[0])
@@ -123,7 +147,7 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
     if momentum and any(b is None for b in bufs) and not all(b is None for b in bufs):
         for p, st in zip(params, states):  # some buffers new, some not: one by one
             sgd_update([p], [st], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                       nesterov=nesterov)
+                       nesterov=nesterov, generator=generator)
         return
     w = _flat(params)
     g = _flat([p.grad for p in params])
@@ -140,7 +164,7 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
         for st, p, chunk in zip(states, params, buf.split([p.numel() for p in params])):
             st["momentum_buffer"] = chunk.clone().view_as(p)
         g = O.fma(m, buf, g) if nesterov else buf
-    new = _fused(O, lp, -round_scalar(lr, O), g, w)
+    new = _fused(O, lp, -round_scalar(lr, O), g, w, generator)
     clean = -O.maxpos < new.amin().item() and new.amax().item() < O.maxpos  # one check for all (NaN fails)
     for p, chunk in zip(params, new.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
@@ -148,7 +172,7 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
             _record(p, O)
 
 
-class Adam(Optimizer):
+class Adam(_PositOptimizer):
     """Adam (``decoupled=False``: L2 weight decay added to the gradient) computed in each
     parameter's O format; torch's Adam formulas for float parameters."""
 
@@ -178,7 +202,7 @@ class Adam(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     adam_update(p, p.grad, self.state[p], lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                weight_decay=group["weight_decay"], decoupled=self._decoupled)
+                                weight_decay=group["weight_decay"], decoupled=self._decoupled, generator=self.generator)
         return loss
 
 
@@ -193,7 +217,7 @@ class AdamW(Adam):
 
 
 def adam_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, betas: tuple[float, float], eps: float,
-                weight_decay: float, decoupled: bool) -> None:
+                weight_decay: float, decoupled: bool, generator: torch.Generator | None = None) -> None:
     """One Adam/AdamW step of parameter ``p`` (in place), in its O format or as torch."""
     O, lp = _stage(p)
     b1, b2 = betas
@@ -224,7 +248,7 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, bet
     m.copy_(O.fma(round_scalar(b1, O), m, O.mul(round_scalar(1 - b1, O), g)))
     v.copy_(O.fma(round_scalar(b2, O), v, O.mul(round_scalar(1 - b2, O), O.mul(g, g))))
     denom = O.add(O.sqrt(O.div(v, round_scalar(bc2, O))), round_scalar(eps, O))
-    p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), O.div(m, denom), p))
+    p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), O.div(m, denom), p, generator))
     _record(p, O)
 
 

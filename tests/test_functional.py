@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as TF
 
 import positnn.functional as PF
-from positnn import Posit, quire
+from positnn import Posit, quire, reduction
 from positnn.policy import LayerPolicy
 from positnn.stats import LayerStats
 
@@ -25,6 +25,25 @@ def jacobian(f, x):
 
 def posit_randn(fmt, *shape, scale=1.0):
     return fmt.round(torch.randn(*shape, dtype=F64) * scale)
+
+
+class _FromPositnnLoss(torch.autograd.Function):
+    """Identity whose backward announces what a positnn loss would: that the incoming
+    gradient is ``factor`` times the true one (so the layers divide by it in G)."""
+
+    @staticmethod
+    def forward(ctx, y, factor):
+        ctx.factor = factor
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, gy):
+        reduction.announce(ctx.factor)
+        return gy, None
+
+
+def from_positnn_loss(y, factor):
+    return _FromPositnnLoss.apply(y, float(factor))
 
 
 def as_param(fmt, t):
@@ -91,7 +110,7 @@ def test_linear_bit_exact(quire_mode):
     w, b = as_param(P16, torch.randn(4, 9) * 0.3), as_param(P16, torch.randn(4) * 0.1)
     gy = posit_randn(P16, 6, 4)
     y = PF.linear(x, w, b, lp)
-    y.backward(gy)
+    from_positnn_loss(y, 6).backward(gy)
     x_f = F.round(x.detach())
     assert torch.equal(y, quire.linear(x_f, F.round(w.detach()), F.round(b.detach()), F, mode=quire_mode))
     assert torch.equal(x.grad.to(B.dtype), quire.matmul(B.round(gy), B.round(w.detach()), B, mode=quire_mode))
@@ -107,7 +126,7 @@ def test_conv2d_bit_exact(stride, padding, dilation, groups):
     w, b = as_param(P16, torch.randn(6, 4 // groups, 3, 3) * 0.3), as_param(P16, torch.randn(6) * 0.1)
     y = PF.conv2d(x, w, b, stride, padding, dilation, groups, lp)
     gy = posit_randn(P16, *y.shape, scale=0.5)
-    y.backward(gy)
+    from_positnn_loss(y, 2).backward(gy)
     x_f, w_b = F.round(x.detach()), B.round(w.detach())
     geo = (stride, padding, dilation, groups)
     assert torch.equal(y, quire.conv2d(x_f, F.round(w.detach()), F.round(b.detach()), F, *geo))
@@ -130,24 +149,46 @@ def test_param_grad_accumulates_in_O_with_one_rounding():
     w = as_param(P16, torch.randn(2, 3))
     gys = [posit_randn(P16, 5, 2), posit_randn(P16, 5, 2)]
     for gy in gys:
-        PF.linear(x, w, None, lp).backward(gy)
+        from_positnn_loss(PF.linear(x, w, None, lp), 5).backward(gy)
     G = lp.gradient
     parts = [G.div(quire.matmul(G.round(gy).T, G.round(x), G), 5.0) for gy in gys]
     assert torch.equal(w.grad, P16.add(P16.round(parts[0]), parts[1]))
 
 
 def test_grad_reduction_mean_and_loss_scale():
+    """The loss's reduction and static scale decide what the layers divide by."""
     x = posit_randn(P8, 4, 3)
     w = as_param(P16, torch.randn(2, 3))
-    gy = posit_randn(P16, 4, 2)
-    for reduction, scale, divisor in [("mean", 1.0, None), ("mean", 8.0, 8.0), ("positnn", 4.0, 16.0)]:
+    t = torch.tensor([0, 1, 1, 0])
+    for grad_reduction, scale, divisor in [("mean", 1.0, None), ("mean", 8.0, 8.0), ("positnn", 4.0, 16.0)]:
         lp = LayerPolicy(forward=P8, backward=P8, gradient=P12, optimizer=P16, loss=P16,
-                         grad_reduction=reduction, loss_scale=scale)
+                         grad_reduction=grad_reduction, loss_scale=scale)
         w.grad = None
-        PF.linear(x, w, None, lp).backward(gy)
-        g = quire.matmul(P12.round(gy).T, x, P12)
+        y = PF.linear(x, w, None, lp)
+        y.retain_grad()
+        PF.cross_entropy(y, t, lp).backward()
+        g = quire.matmul(P12.round(y.grad).T, x, P12)
         expected = P16.round(g if divisor is None else P12.div(g, divisor))
         assert torch.equal(w.grad, expected)
+
+
+def test_layers_give_the_true_gradient_without_a_positnn_loss():
+    """y.backward(gy) and torch's losses carry the true gradient: no division by N."""
+    lp = MIXED
+    x = posit_randn(P8, 6, 3)
+    w = as_param(P16, torch.randn(2, 3))
+    gy = posit_randn(P16, 6, 2)
+    PF.linear(x, w, None, lp).backward(gy)
+    G = lp.gradient
+    assert torch.equal(w.grad, P16.round(quire.matmul(G.round(gy).T, G.round(x), G)))
+    # ... and nothing announced in one backward pass carries over to the next.
+    w.grad = None
+    from_positnn_loss(PF.linear(x, w, None, lp), 6).backward(gy)
+    first = w.grad.clone()
+    w.grad = None
+    PF.linear(x, w, None, lp).backward(gy)
+    assert torch.equal(first, P16.round(G.div(quire.matmul(G.round(gy).T, G.round(x), G), 6.0)))
+    assert torch.equal(w.grad, P16.round(quire.matmul(G.round(gy).T, G.round(x), G)))
 
 
 @pytest.mark.parametrize("kernel, stride, padding", [(2, 2, 0), (3, 1, 1), (3, 2, 0)])
@@ -232,7 +273,7 @@ def test_batch_norm_bit_exact():
     rm, rv = O.round(torch.zeros(c)), O.round(torch.ones(c))
     y = PF.batch_norm(x, rm, rv, gamma, beta, True, 0.125, 1e-5, lp)
     gy = posit_randn(P16, *y.shape)
-    y.backward(gy)
+    from_positnn_loss(y, n).backward(gy)
     # The reference composition, written out: channels first, M = N*H*W.
     cf = lambda t: t.transpose(0, 1).reshape(c, -1)  # noqa: E731
     xf = cf(F.round(x.detach()))

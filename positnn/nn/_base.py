@@ -4,8 +4,14 @@ F/B copies, and a state dict of bit patterns.
 Master parameters (and BatchNorm's running statistics) live in the O format of the
 module's policy as ordinary ``nn.Parameter``s of ``O.dtype``. Their F and B copies are
 re-rounded lazily, keyed by the master's version counter: any in-place update (a posit
-optimizer's step, ``load_state_dict``, a plain ``torch.optim`` step) bumps the counter, so
-the next forward sees fresh copies without the optimizer having to call anything.
+optimizer's step, ``load_state_dict``) bumps the counter, so the next forward sees fresh
+copies without the optimizer having to call anything.
+
+A ``torch.optim`` optimizer may step posit masters too: it computes torch's update in the
+master's carrier dtype, and a global optimizer step hook (registered with the first posit
+module) then rounds every posit master it stepped back to its O format, round to nearest,
+so the model stays in O and can be saved. Its own state (momentum, Adam moments) stays in
+the carrier float. ``positnn.optim`` computes the whole update in O instead.
 
 Each master parameter is tagged with ``posit_policy`` (the module's LayerPolicy) and
 ``posit_stats``, which the optimizers in ``positnn.optim`` read; tags are restored after
@@ -20,12 +26,14 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..format import Posit
 from ..policy import LayerPolicy, Policy, maybe_round
 from ..stats import LayerStats
 
 _CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
+_TORCH_STEP_HOOK: list = []
 PolicySpec = LayerPolicy | Policy | str | Mapping[str, Any] | None
 
 
@@ -34,6 +42,18 @@ def layer_policy(policy: PolicySpec, name: str = "") -> LayerPolicy:
     if isinstance(policy, LayerPolicy):
         return policy
     return Policy.load(policy).for_layer(name)
+
+
+@torch.no_grad()
+def _round_masters_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After a torch optimizer's step, round the posit masters it updated back to O."""
+    if getattr(optimizer, "updates_in_o", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lp = getattr(p, "posit_policy", None)
+            if lp is not None and lp.optimizer is not None and p.grad is not None:
+                p.copy_(lp.optimizer.round(p, underflow=lp.underflow))
 
 
 class PositModule(nn.Module):
@@ -47,6 +67,8 @@ class PositModule(nn.Module):
 
     def __init__(self, policy: PolicySpec = None, name: str = "") -> None:
         super().__init__()
+        if not _TORCH_STEP_HOOK:
+            _TORCH_STEP_HOOK.append(register_optimizer_step_post_hook(_round_masters_after_step))
         self.policy = layer_policy(policy, name)
         self.posit_stats = LayerStats()
         self._copy_cache: dict[Posit | None, tuple[tuple, dict[str, torch.Tensor]]] = {}
