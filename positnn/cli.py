@@ -51,9 +51,6 @@ def _cmd_train(args) -> int:
         # changes, and only epochs, threads and data-dir may change.
         saved, _ = read_checkpoint(out / CHECKPOINT, resume=True)
         cfg = resume_config(saved, given, out)
-    if (out / CHECKPOINT).exists() and not args.resume:
-        print(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one", file=sys.stderr)
-        return 2
     print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}")
     try:
         history = train(cfg, out, resume=args.resume, progress=not args.no_progress)

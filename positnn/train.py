@@ -257,13 +257,16 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     else:
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file, not a folder")
+        if ckpt_path.exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
+        # Never write over files that are not a run of ours (config.json, metrics.csv, notes).
         present = sorted(p.name for p in out.iterdir()) if out.exists() else []
         if present:
             raise ValueError(f"--out {out} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}) "
                              f"and holds no run to resume; give an empty or new folder")
         config = config.pinned()
-        out.mkdir(parents=True, exist_ok=True)
         run = build(config)
+        out.mkdir(parents=True, exist_ok=True)
         history, start_epoch = [], 0
         (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions()}, indent=2))
         # An epoch-0 checkpoint: a run stopped in its first epoch is resumable too.
