@@ -86,7 +86,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("subset", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -344,17 +344,23 @@ def read_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> tuple[T
     checkpoint holds only tensors, numbers, strings, lists and dicts, so a crafted file
     cannot run code). Anything else raises ValueError naming ``path`` and what is wrong;
     a missing file raises FileNotFoundError."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is not a positnn checkpoint: the file is empty")
     try:
         ckpt = torch.load(path, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
-        # torch's weights-only message is long; its "WeightsUnpickler error" line says what was refused.
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        reason = next((line for line in lines if line.startswith("WeightsUnpickler error")), lines[0])
-        reason = reason.split(" Please use")[0]  # not torch's advice to allow-list the global
-        raise ValueError(f"{path} is not a readable positnn checkpoint (torch.load with weights_only=True "
-                         f"failed: {reason})") from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's weights-only message is mostly boilerplate; one line names what was refused
+        # (without torch's advice on allow-listing it, which is not for untrusted files).
+        refused = next((line for line in lines if "GLOBAL" in line or line.startswith("WeightsUnpickler error")), None)
+        if refused is not None:
+            raise ValueError(f"{path} holds objects other than tensors, numbers, strings, lists and dicts and is "
+                             f"not loaded ({refused.split(' Please use')[0]})") from e
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ValueError(f"{path} is not a readable torch checkpoint (damaged, truncated or another kind of file; "
+                         f"{reason})") from e
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a positnn checkpoint: it holds a {type(ckpt).__name__}, not a dict")
     missing = [k for k in CHECKPOINT_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
