@@ -39,18 +39,21 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import train
-
-    from .train import read_checkpoint, resume_config
+    from .train import read_checkpoint, resume_config, train
 
     given = {f.name: getattr(args, f.name) for f in _OPTIONS if hasattr(args, f.name)}
-    cfg = TrainConfig(**given)
-    out = Path(args.out or f"runs/{cfg.dataset}-{cfg.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', cfg.policy)}")
+    if args.out:
+        out = Path(args.out)
+    else:
+        named = TrainConfig(**given)
+        out = Path(f"runs/{named.dataset}-{named.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', named.policy)}")
     if args.resume and (out / CHECKPOINT).exists():
-        # A resumed run keeps its own config; only the options given explicitly count as
-        # changes, and only epochs, threads and data-dir may change.
+        # A resumed run keeps its own config (its policy file may be gone by now); only the
+        # options given explicitly count as changes, and only epochs, threads and data-dir may.
         saved, _ = read_checkpoint(out / CHECKPOINT, resume=True)
         cfg = resume_config(saved, given, out)
+    else:
+        cfg = TrainConfig(**given)
     print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}")
     try:
         history = train(cfg, out, resume=args.resume, progress=not args.no_progress)

@@ -2,9 +2,11 @@
 
 A run directory holds ``config.json`` (the exact configuration and versions),
 ``metrics.csv`` and ``metrics.jsonl`` (one row per epoch) and ``checkpoint.pt`` (written
-atomically after every epoch). The data order of epoch e depends only on (seed, e), and
-the checkpoint carries every RNG state, so ``resume=True`` after a kill or Ctrl-C ends
-bit-identical to an uninterrupted run.
+atomically before the first epoch and after every epoch). The data order of epoch e
+depends only on (seed, e), and the checkpoint carries every RNG state, so ``resume=True``
+after a kill or Ctrl-C ends bit-identical to an uninterrupted run. Checkpoints hold only
+tensors, numbers, strings, lists and dicts and are read with ``weights_only=True``
+(:func:`read_checkpoint`), so a crafted file cannot run code.
 """
 
 from __future__ import annotations
