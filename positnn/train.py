@@ -264,8 +264,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
         # Never write over files that are not a run of ours (config.json, metrics.csv, notes).
         present = sorted(p.name for p in out.iterdir()) if out.exists() else []
         if present:
-            raise ValueError(f"--out {out} is not empty ({', '.join(present[:5])}{', ...' if len(present) > 5 else ''}) "
-                             f"and holds no run to resume; give an empty or new folder")
+            names = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise ValueError(f"--out {out} is not empty ({names}) and holds no run to resume; "
+                             f"give an empty or new folder")
         config = config.pinned()
         run = build(config)
         out.mkdir(parents=True, exist_ok=True)
@@ -398,5 +399,6 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as e:
-        raise ValueError(f"{checkpoint}: the saved weights do not fit a {config.model} with {config.policy}: {e}") from e
+        raise ValueError(f"{checkpoint}: the saved weights do not fit a {config.model} with {config.policy}: "
+                         f"{e}") from e
     return model, config

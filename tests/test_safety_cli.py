@@ -181,8 +181,10 @@ def test_a_runs_policy_file_can_change_or_vanish(tmp_path, capsys):
     assert capsys.readouterr().out == before
 
     assert main(["train", "--out", str(tmp_path / "split"), "--resume", "--epochs", "2", "--no-progress"]) == 0
-    rows = lambda run: [r.split(",")[:-1] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]  # noqa: E731
-    assert rows("split") == rows("whole")  # all but the seconds column
+    def rows(run: str) -> list[list[str]]:  # all but the seconds column
+        return [r.split(",")[:-1] for r in (tmp_path / run / "metrics.csv").read_text().splitlines()]
+
+    assert rows("split") == rows("whole")
 
 
 # --------------------------------------------------------------------------- 5: resume options
@@ -204,7 +206,8 @@ def test_resume_refuses_other_changed_options(tmp_path, capsys):
     assert main(_train_args(data, out, "--epochs", "1")) == 0
     before = (out / "metrics.csv").read_text()
     capsys.readouterr()
-    for option, saved, given in (("--lr", "0.0625", "0.5"), ("--batch-size", "16", "8"), ("--policy", "float32", "posit8")):
+    changes = (("--lr", "0.0625", "0.5"), ("--batch-size", "16", "8"), ("--policy", "float32", "posit8"))
+    for option, saved, given in changes:
         assert main(["train", "--out", str(out), "--resume", "--epochs", "2", option, given, "--no-progress"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and option[2:].replace("-", "_") in err and saved in err and given in err
