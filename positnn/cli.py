@@ -6,13 +6,14 @@ import argparse
 import copy
 import re
 import sys
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
-
-import torch
 
 from .format import Posit
 from .train import CHECKPOINT, TrainConfig
+
+# TrainConfig fields that are command-line options (policy_spec is filled in by a run itself).
+_OPTIONS = [f for f in fields(TrainConfig) if f.name != "policy_spec"]
 
 
 def _add_train(sub) -> None:
@@ -26,9 +27,11 @@ def _add_train(sub) -> None:
         "data_dir": "directory holding the data set files (searched first)",
         "threads": "torch threads", "topk": "k of the top-k accuracy",
     }
-    for f in fields(TrainConfig):
+    for f in _OPTIONS:
         kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=defaults[f.name].default,
+        # SUPPRESS: an option left out is absent from args, so --resume can tell "not given"
+        # from "given with the default value".
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
                        help=f"{helps.get(f.name, '')} (default: {defaults[f.name].default})")
     p.add_argument("--out", help="run directory (default: runs/DATASET-MODEL-POLICY)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -36,18 +39,21 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import train
+    from .train import read_checkpoint, resume_config, train
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    out = Path(args.out or f"runs/{cfg.dataset}-{cfg.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', cfg.policy)}")
+    given = {f.name: getattr(args, f.name) for f in _OPTIONS if hasattr(args, f.name)}
+    if args.out:
+        out = Path(args.out)
+    else:
+        named = TrainConfig(**given)
+        out = Path(f"runs/{named.dataset}-{named.model}-{re.sub(r'[^A-Za-z0-9.-]+', '_', named.policy)}")
     if args.resume and (out / CHECKPOINT).exists():
-        # A resumed run keeps its own config; only more epochs or other threads may be asked for.
-        saved = TrainConfig.from_dict(torch.load(out / CHECKPOINT, weights_only=False)["config"])
-        default_epochs = TrainConfig.__dataclass_fields__["epochs"].default
-        cfg = replace(saved, threads=args.threads, epochs=saved.epochs if args.epochs == default_epochs else args.epochs)
-    if (out / CHECKPOINT).exists() and not args.resume:
-        print(f"error: {out} already holds a run; pass --resume to continue it or --out for a new one", file=sys.stderr)
-        return 2
+        # A resumed run keeps its own config (its policy file may be gone by now); only the
+        # options given explicitly count as changes, and only epochs, threads and data-dir may.
+        saved, _ = read_checkpoint(out / CHECKPOINT, resume=True)
+        cfg = resume_config(saved, given, out)
+    else:
+        cfg = TrainConfig(**given)
     print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}")
     try:
         history = train(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -78,7 +84,7 @@ def _cmd_quantize_eval(args) -> int:
     from .train import evaluate, is_float, load_model
 
     model, cfg = load_model(args.checkpoint)
-    if not is_float(cfg.policy):
+    if not is_float(cfg.resolved_policy()):
         print(f"error: quantize-eval takes a float32 checkpoint; {args.checkpoint} was trained with {cfg.policy}",
               file=sys.stderr)
         return 2

@@ -269,6 +269,14 @@ class Policy:
         extra = f" layers={dict((k, dict(v)) for k, v in self.layers.items())}" if self.layers else ""
         return f"Policy({stages} quire={self.quire} reduction={self.grad_reduction}{extra})"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain strings, numbers, bools and dicts (JSON and ``torch.load(weights_only=True)``
+        safe) that :meth:`from_dict` turns back into an equal policy; formats by name."""
+        name = lambda v: str(v) if isinstance(v, Posit) else "float32" if v is None else v  # noqa: E731
+        d = {f.name: name(getattr(self, f.name)) for f in fields(self) if f.name != "layers"}
+        d["layers"] = {k: {kk: name(vv) for kk, vv in v.items()} for k, v in self.layers.items()}
+        return d
+
 
 def parse_format_or_none(text: str) -> Format | bool | None:
     """The format ``text`` names, or None when it names none (used to tell "posit8q" from

@@ -2,22 +2,25 @@
 
 A run directory holds ``config.json`` (the exact configuration and versions),
 ``metrics.csv`` and ``metrics.jsonl`` (one row per epoch) and ``checkpoint.pt`` (written
-atomically after every epoch). The data order of epoch e depends only on (seed, e), and
-the checkpoint carries every RNG state, so ``resume=True`` after a kill or Ctrl-C ends
-bit-identical to an uninterrupted run.
+atomically before the first epoch and after every epoch). The data order of epoch e
+depends only on (seed, e), and the checkpoint carries every RNG state, so ``resume=True``
+after a kill or Ctrl-C ends bit-identical to an uninterrupted run. Checkpoints hold only
+tensors, numbers, strings, lists and dicts and are read with ``weights_only=True``
+(:func:`read_checkpoint`), so a crafted file cannot run code.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +42,12 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "test_loss", "top1", "topk", "k", 
 @dataclass
 class TrainConfig:
     """One training run; the defaults are the paper's recipe (LeNet-5, Fashion-MNIST,
-    posit8-O16-L16q, batch 64, SGD lr 1/16 momentum 0.5, lr halved every 4 epochs, 10 epochs)."""
+    posit8-O16-L16q, batch 64, SGD lr 1/16 momentum 0.5, lr halved every 4 epochs, 10 epochs).
+
+    ``policy`` is kept as given (a recipe or a .toml path, for display); ``policy_spec`` is
+    the resolved policy (:meth:`Policy.to_dict`) that a run started from a policy file
+    stores, so editing or deleting the file later changes neither eval nor resume.
+    """
 
     model: str = "lenet5"
     dataset: str = "fashion-mnist"
@@ -56,27 +64,80 @@ class TrainConfig:
     data_dir: str | None = None
     topk: int = 5
     threads: int | None = None
+    policy_spec: dict | None = None
 
     def __post_init__(self) -> None:
+        # The one place a config is checked, whether it comes from the CLI, a TOML file or a
+        # checkpoint: types first (so a range check never meets a str), then ranges.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind, _, optional = str(f.type).partition(" | ")
+            if value is None and optional:
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                  "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
+            if not ok:
+                allowed = {"int": "an integer", "float": "a number", "str": "a string", "dict": "a dict"}[kind]
+                raise ValueError(f"{f.name} must be {allowed}{' or None' if optional else ''}, "
+                                 f"got {value!r} ({type(value).__name__})")
+            if kind == "float":
+                setattr(self, f.name, float(value))
         for name in ("epochs", "batch_size", "test_batch_size", "lr_step", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.subset is not None and self.subset < 1:
-            raise ValueError(f"subset must be >= 1, got {self.subset}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        Policy.load(self.policy)  # fail early, naming the bad part
+        for name in ("subset", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None: the default), got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.momentum) and self.momentum >= 0):
+            raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
+        if not (math.isfinite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
+            raise ValueError(f"lr_gamma must be a finite number in (0, 1], got {self.lr_gamma}")
+        self.resolved_policy()  # fail early, naming the bad part
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a config must be a dict of TrainConfig fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}; allowed: {sorted(known)}")
         return cls(**d)
 
+    def resolved_policy(self) -> Policy:
+        """The run's policy: the stored copy when there is one, else ``policy`` itself."""
+        return Policy.from_dict(self.policy_spec) if self.policy_spec is not None else Policy.load(self.policy)
 
-def is_float(policy: str) -> bool:
+    def pinned(self) -> "TrainConfig":
+        """This config with a policy file's content stored in ``policy_spec`` (recipes
+        describe themselves; a file can change or vanish after the run has started)."""
+        if self.policy_spec is None and self.policy.strip().lower().endswith(".toml"):
+            return replace(self, policy_spec=self.resolved_policy().to_dict())
+        return self
+
+
+# Not part of a run's identity: a resumed run may train longer, on other threads, or read
+# the same data from another folder.
+RESUMABLE = ("epochs", "threads", "data_dir")
+
+
+def resume_config(saved: TrainConfig, changes: Mapping[str, Any], where: str | os.PathLike = "the run") -> TrainConfig:
+    """``saved`` with ``changes`` applied, when they only touch :data:`RESUMABLE` fields;
+    any other change raises ValueError naming the option, the saved and the new value."""
+    bad = [f"{k} differs (saved {getattr(saved, k)!r}, given {v!r})" for k, v in changes.items()
+           if k not in RESUMABLE and v != getattr(saved, k)]
+    if bad:
+        raise ValueError(f"cannot resume {where}: {'; '.join(bad)}; only {', '.join(RESUMABLE)} may change "
+                         f"(start a new run with another --out for the rest)")
+    return replace(saved, **{k: v for k, v in changes.items() if k in RESUMABLE})
+
+
+def is_float(policy: Policy | str) -> bool:
     """True for the plain float32 baseline: torch layers, log_softmax + nll_loss, torch SGD."""
     p = Policy.load(policy)
     return not p.layers and all(getattr(p, s) is None for s in STAGES)
@@ -113,11 +174,11 @@ def build(config: TrainConfig) -> Run:
     test_set = _subset(load_dataset(config.dataset, "test", config.data_dir), config.subset)
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
-    if is_float(config.policy):
+    policy = config.resolved_policy()
+    if is_float(policy):
         loss_fn = lambda logits, y: F.nll_loss(F.log_softmax(logits, dim=1), y)  # noqa: E731
         optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     else:
-        policy = Policy.load(config.policy)
         model = convert(model, policy)
         loss_fn = pnn.CrossEntropyLoss(policy)
         optimizer = SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
@@ -145,7 +206,8 @@ def evaluate(model: nn.Module, dataset, batch_size: int = 1024, topk: int = 5) -
 def _versions() -> dict[str, str]:
     import numba
 
-    return {"positnn": __version__, "torch": torch.__version__, "numba": numba.__version__,
+    # str(): torch.__version__ is a TorchVersion, which torch.load(weights_only=True) refuses.
+    return {"positnn": str(__version__), "torch": str(torch.__version__), "numba": str(numba.__version__),
             "python": sys.version.split()[0], "platform": platform.platform()}
 
 
@@ -171,28 +233,47 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
           log: Callable[[str], None] = print, stop_after: int | None = None) -> list[dict]:
     """Train ``config`` into the run directory ``out`` and return the per-epoch metrics.
 
-    ``resume=True`` continues from ``out/checkpoint.pt``. ``stop_after`` ends the call
-    after that many epochs of this invocation, leaving a resumable run (used by tests to
-    stand for a kill). Ctrl-C likewise leaves the last completed epoch resumable.
+    ``resume=True`` continues from ``out/checkpoint.pt``; ``config`` may then differ from
+    the run's own only in :data:`RESUMABLE` fields. Without it ``out`` must be empty or
+    new. ``stop_after`` ends the call after that many epochs of this invocation, leaving a
+    resumable run (used by tests to stand for a kill). Ctrl-C likewise leaves the last
+    completed epoch resumable (a checkpoint is written before the first epoch too).
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run = build(config)
-    history: list[dict] = []
-    start_epoch = 0
     ckpt_path = out / CHECKPOINT
     if resume:
         if not ckpt_path.exists():
             raise FileNotFoundError(f"cannot resume: no {CHECKPOINT} in {out}")
-        ckpt = torch.load(ckpt_path, weights_only=False)
-        saved = TrainConfig.from_dict(ckpt["config"])
-        if asdict(saved) | {"epochs": 0, "threads": None} != asdict(config) | {"epochs": 0, "threads": None}:
-            raise ValueError(f"cannot resume {out}: its config {asdict(saved)} differs from {asdict(config)}")
-        _load_state(run, ckpt)
+        saved, ckpt = read_checkpoint(ckpt_path, resume=True)
+        changes = asdict(config)
+        if config.policy_spec is None:
+            del changes["policy_spec"]  # a config built from a file name: the run's stored copy applies
+        config = resume_config(saved, changes, out)
+        run = build(config)
+        try:
+            _load_state(run, ckpt)
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ValueError(f"{ckpt_path}: the saved state does not fit the run's model and optimizer: {e}") from e
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         log(f"resuming {out} after epoch {start_epoch}")
     else:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        if ckpt_path.exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or --out for a new one")
+        # Never write over files that are not a run of ours (config.json, metrics.csv, notes).
+        present = sorted(p.name for p in out.iterdir()) if out.exists() else []
+        if present:
+            names = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            raise ValueError(f"--out {out} is not empty ({names}) and holds no run to resume; "
+                             f"give an empty or new folder")
+        config = config.pinned()
+        run = build(config)
+        out.mkdir(parents=True, exist_ok=True)
+        history, start_epoch = [], 0
         (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions()}, indent=2))
+        # An epoch-0 checkpoint: a run stopped in its first epoch is resumable too.
+        _atomic_save(_state(run, 0, history), ckpt_path)
 
     done = 0
     try:
@@ -256,6 +337,50 @@ def _state(run: Run, epoch: int, history: list[dict]) -> dict:
             "scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state()}
 
 
+# What every checkpoint holds, and what resuming needs besides.
+CHECKPOINT_KEYS = ("config", "model")
+RESUME_KEYS = ("epoch", "history", "optimizer", "scheduler", "torch_rng")
+
+
+def read_checkpoint(path: str | os.PathLike, *, resume: bool = False) -> tuple[TrainConfig, dict]:
+    """The config and contents of a positnn checkpoint, read with ``weights_only=True`` (a
+    checkpoint holds only tensors, numbers, strings, lists and dicts, so a crafted file
+    cannot run code). Anything else raises ValueError naming ``path`` and what is wrong;
+    a missing file raises FileNotFoundError."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is not a positnn checkpoint: the file is empty")
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch.load raises many kinds for a damaged file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's weights-only message is mostly boilerplate; one line names what was refused
+        # (without torch's advice on allow-listing it, which is not for untrusted files).
+        refused = next((line for line in lines if "GLOBAL" in line or line.startswith("WeightsUnpickler error")), None)
+        if refused is not None:
+            raise ValueError(f"{path} holds objects other than tensors, numbers, strings, lists and dicts and is "
+                             f"not loaded ({refused.split(' Please use')[0]})") from e
+        reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise ValueError(f"{path} is not a readable torch checkpoint (damaged, truncated or another kind of file; "
+                         f"{reason})") from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a positnn checkpoint: it holds a {type(ckpt).__name__}, not a dict")
+    missing = [k for k in CHECKPOINT_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} is not a {'resumable ' if resume else ''}positnn checkpoint: "
+                         f"it lacks {', '.join(map(repr, missing))} (has {sorted(map(str, ckpt))})")
+    try:
+        config = TrainConfig.from_dict(ckpt["config"])
+    except ValueError as e:
+        raise ValueError(f"{path}: bad config in the checkpoint: {e}") from e
+    if resume and not (isinstance(ckpt["epoch"], int) and isinstance(ckpt["history"], list)
+                       and 0 <= ckpt["epoch"] == len(ckpt["history"])):
+        raise ValueError(f"{path}: epoch {ckpt['epoch']!r} does not match its history of "
+                         f"{len(ckpt['history']) if isinstance(ckpt['history'], list) else ckpt['history']!r} rows")
+    return config, ckpt
+
+
 def _load_state(run: Run, ckpt: dict) -> None:
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -265,11 +390,15 @@ def _load_state(run: Run, ckpt: dict) -> None:
 
 def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
     """The trained model of a checkpoint, and its config."""
-    ckpt = torch.load(checkpoint, weights_only=False)
-    config = TrainConfig.from_dict(ckpt["config"])
+    config, ckpt = read_checkpoint(checkpoint)
     torch.manual_seed(config.seed)
     model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
-    if not is_float(config.policy):
-        model = convert(model, Policy.load(config.policy))
-    model.load_state_dict(ckpt["model"])
+    policy = config.resolved_policy()
+    if not is_float(policy):
+        model = convert(model, policy)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{checkpoint}: the saved weights do not fit a {config.model} with {config.policy}: "
+                         f"{e}") from e
     return model, config
