@@ -509,3 +509,21 @@ def test_fetch_mnist_and_cifar_offline(tmp_path, monkeypatch):
     ds = load_dataset("cifar10", "train", dest)
     assert np.array_equal(ds.labels.numpy(), cifar_truth["train"][1])
     assert sorted(p.name for p in dest.iterdir()) == ["cifar-10-batches-py", "mnist"]
+
+
+# --------------------------------------------------------------------------- committed fixtures
+
+
+@pytest.mark.parametrize("name,n_train,n_test", [("mnist", 256, 128), ("fashion-mnist", 64, 32)])
+def test_repo_fixtures_load_like_the_real_sets(name, n_train, n_test, mnist_dir, fashion_mnist_dir):
+    folder = {"mnist": mnist_dir, "fashion-mnist": fashion_mnist_dir}[name]
+    for split, n in (("train", n_train), ("test", n_test)):
+        ds = load_dataset(name, split, folder)  # the ordinary path: no special case for fixtures
+        assert len(ds) == n and ds.images.shape[1:] == (1, 28, 28) and ds.source == folder
+        assert len(torch.unique(ds.labels)) == 10
+    # The parent folder works as a base too, each set resolved to its own sub-folder.
+    assert load_dataset(name, "test", folder.parent).source == folder
+    if (SHARED_DATA / name).is_dir():  # the fixtures are the first images of the real files
+        prefix = "t10k" if n_test else "train"
+        real_images = read_idx(SHARED_DATA / name / f"{prefix}-images-idx3-ubyte.gz")
+        assert np.array_equal(read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"), real_images[:n_test])
