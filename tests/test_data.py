@@ -527,9 +527,8 @@ def test_repo_fixtures_load_like_the_real_sets(name, n_train, n_test, mnist_dir,
     # The parent folder works as a base too, each set resolved to its own sub-folder.
     assert load_dataset(name, "test", folder.parent).source == folder
     if (SHARED_DATA / name).is_dir():  # the fixtures are the first images of the real files
-        prefix = "t10k" if n_test else "train"
-        real_images = read_idx(SHARED_DATA / name / f"{prefix}-images-idx3-ubyte.gz")
-        assert np.array_equal(read_idx(folder / f"{prefix}-images-idx3-ubyte.gz"), real_images[:n_test])
+        real_images = read_idx(SHARED_DATA / name / "t10k-images-idx3-ubyte.gz")
+        assert np.array_equal(read_idx(folder / "t10k-images-idx3-ubyte.gz"), real_images[:n_test])
 
 
 # --------------------------------------------------------------------------- download on demand
