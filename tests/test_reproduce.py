@@ -68,7 +68,7 @@ def test_saved_config_keeps_the_data_dir_as_given(tmp_path, monkeypatch, mnist_d
             assert str(tmp_path) not in p.read_text(), p
 
 
-# Absolute paths of a machine: /work/..., /home/..., /root/..., /tmp/..., /Users/..., C:\...
+# Absolute paths of a machine (home, work, temporary or mount folders; Windows drives).
 _ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|home|root|tmp|Users|mnt|scratch)/|\b[A-Za-z]:\\\\")
 
 
