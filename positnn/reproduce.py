@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .report import PAPER_TABLE4, PAPER_TABLE7, markdown_table, plot_runs, read_metrics
@@ -26,14 +26,55 @@ def table_configs(table: str, *, datasets: list[str] | None = None, **overrides)
     raise ValueError(f"table must be one of {TABLES} or a .toml file, got {table!r}")
 
 
-def toml_configs(path: str | os.PathLike) -> dict[str, TrainConfig]:
-    """Run name -> config from a TOML file of [runs.NAME] tables (keys of TrainConfig)."""
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
+# What each TrainConfig key may hold in a TOML file (a TOML integer is fine for a float key).
+_TOML_TYPES = {"int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string")}
+
+
+def _check_types(path: str | os.PathLike, name: str, cfg: dict) -> None:
+    """Name the file, run, key and value of a mistyped entry (``epochs = "ten"``)."""
+    for f in fields(TrainConfig):
+        if f.name not in cfg:
+            continue
+        value = cfg[f.name]
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind.split(" ")[0] not in _TOML_TYPES:
+            continue  # a type this check does not know: TrainConfig validates it
+        allowed, words = _TOML_TYPES[kind.split(" ")[0]]
+        # bool is an int to Python, but `epochs = true` is a mistake, not 1 epoch.
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            optional = " (or leave the key out)" if "None" in kind else ""
+            raise ValueError(f"{path}: [runs.{name}] {f.name} = {value!r}: {f.name} must be {words}{optional}")
+
+
+def toml_configs(path: str | os.PathLike, **overrides) -> dict[str, TrainConfig]:
+    """Run name -> config from a TOML file of [runs.NAME] tables (keys of TrainConfig).
+
+    ``overrides`` (the command line's ``--epochs``, ``--subset``, ``--data-dir``) replace
+    the file's values in every run. Every error names the file, and the run and key
+    concerned: ``ValueError`` for invalid TOML, unknown keys and bad values.
+    """
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(doc) - {"runs"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)}; allowed: only [runs.NAME] tables")
     runs = doc.get("runs")
     if not isinstance(runs, dict) or not runs:
         raise ValueError(f"{path}: expected [runs.NAME] tables with TrainConfig keys")
-    return {name: TrainConfig.from_dict(cfg) for name, cfg in runs.items()}
+    configs = {}
+    for name, cfg in runs.items():
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: runs.{name} = {cfg!r} should be a [runs.{name}] table of TrainConfig keys")
+        _check_types(path, name, cfg)
+        try:
+            configs[name] = TrainConfig.from_dict(cfg | overrides)
+        except (ValueError, TypeError) as exc:
+            # TrainConfig's own message names the key; say which file and run it came from.
+            raise ValueError(f"{path}: [runs.{name}]: {exc}") from None
+    return configs
 
 
 def _launch(name: str, config: TrainConfig, out: Path, threads: int) -> int:
@@ -53,10 +94,20 @@ def _launch(name: str, config: TrainConfig, out: Path, threads: int) -> int:
 
 def reproduce(table: str, out: str | os.PathLike, *, jobs: int = 1, **overrides) -> Path:
     """Run every configuration of ``table`` (finished runs are kept, begun ones resumed),
-    then write ``out/results.md`` and ``out/curves.png``."""
+    then write ``out/results.md`` and ``out/curves.png``.
+
+    ``overrides`` (``epochs``, ``subset``, ``data_dir``, ...) apply to every run, of a named
+    table or of a TOML file alike. ``data_dir`` is passed on as given: a relative one stays
+    relative in each run's config.json, so committed results name no machine's paths.
+    """
     out = Path(out)
+    if str(table).endswith(".toml"):
+        if "datasets" in overrides:
+            raise ValueError(f"datasets={overrides['datasets']!r} applies to table7 only, not to {table}")
+        configs = toml_configs(table, **overrides)
+    else:
+        configs = table_configs(table, **overrides)
     out.mkdir(parents=True, exist_ok=True)
-    configs = toml_configs(table) if str(table).endswith(".toml") else table_configs(table, **overrides)
     todo = {n: c for n, c in configs.items() if not _finished(out / n, c)}
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:

@@ -494,6 +494,9 @@ def test_fetch_mnist_and_cifar_offline(tmp_path, monkeypatch):
     md5 = {k: hashlib.md5(v).hexdigest() for k, v in payloads.items()}
     monkeypatch.setitem(data._SOURCES["mnist"], "files",
                         {k: md5[k] for k in data._SOURCES["mnist"]["files"]})
+    monkeypatch.setitem(data._SOURCES["mnist"], "raw_sha256",
+                        {k: hashlib.sha256(gzip.decompress(payloads[k])).hexdigest()
+                         for k in data._SOURCES["mnist"]["files"]})
     monkeypatch.setitem(data._SOURCES["cifar10"], "files",
                         {"cifar-10-python.tar.gz": md5["cifar-10-python.tar.gz"]})
     asked = _serve(monkeypatch, payloads)
@@ -509,3 +512,143 @@ def test_fetch_mnist_and_cifar_offline(tmp_path, monkeypatch):
     ds = load_dataset("cifar10", "train", dest)
     assert np.array_equal(ds.labels.numpy(), cifar_truth["train"][1])
     assert sorted(p.name for p in dest.iterdir()) == ["cifar-10-batches-py", "mnist"]
+
+
+# --------------------------------------------------------------------------- committed fixtures
+
+
+@pytest.mark.parametrize("name,n_train,n_test", [("mnist", 256, 128), ("fashion-mnist", 64, 32)])
+def test_repo_fixtures_load_like_the_real_sets(name, n_train, n_test, mnist_dir, fashion_mnist_dir):
+    folder = {"mnist": mnist_dir, "fashion-mnist": fashion_mnist_dir}[name]
+    for split, n in (("train", n_train), ("test", n_test)):
+        ds = load_dataset(name, split, folder)  # the ordinary path: no special case for fixtures
+        assert len(ds) == n and ds.images.shape[1:] == (1, 28, 28) and ds.source == folder
+        assert len(torch.unique(ds.labels)) == 10
+    # The parent folder works as a base too, each set resolved to its own sub-folder.
+    assert load_dataset(name, "test", folder.parent).source == folder
+    if (SHARED_DATA / name).is_dir():  # the fixtures are the first images of the real files
+        real_images = read_idx(SHARED_DATA / name / "t10k-images-idx3-ubyte.gz")
+        assert np.array_equal(read_idx(folder / "t10k-images-idx3-ubyte.gz"), real_images[:n_test])
+
+
+# --------------------------------------------------------------------------- download on demand
+
+
+def _serve_fixture(monkeypatch, folder: Path, tamper: str | None = None) -> list[str]:
+    """Serve ``folder``'s IDX files as the canonical MNIST downloads, checksums patched in.
+
+    ``tamper`` names a file whose served bytes differ from the verified content while
+    matching the patched MD5 (as a corrupted copy with a colliding or mis-listed MD5 would).
+    """
+    payloads = {p.name: p.read_bytes() for p in folder.iterdir()}
+    raw = {k: hashlib.sha256(gzip.decompress(v)).hexdigest() for k, v in payloads.items()}
+    if tamper:
+        payloads[tamper] = gzip.compress(gzip.decompress(payloads[tamper])[:-1] + b"\xff")
+    monkeypatch.setitem(data._SOURCES["mnist"], "files",
+                        {k: hashlib.md5(v).hexdigest() for k, v in payloads.items()})
+    monkeypatch.setitem(data._SOURCES["mnist"], "raw_sha256", raw)
+    return _serve(monkeypatch, payloads)
+
+
+def test_canonical_raw_checksums_match_the_real_files():
+    # The decompressed-content SHA-256 of each canonical file, checked against our copies.
+    for name in ("mnist", "fashion-mnist"):
+        d = _real_dir(name)
+        for fname, digest in data._SOURCES[name]["raw_sha256"].items():
+            assert data._raw_sha256(d / fname) == digest, fname
+
+
+def test_missing_data_is_downloaded_into_the_cache(tmp_path, monkeypatch, mnist_dir, capsys):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POSITNN_DATA", str(cache))
+    asked = _serve_fixture(monkeypatch, mnist_dir)
+    ds = load_dataset("mnist", "test", data_dir=tmp_path / "nowhere")
+    assert ds.source == cache / "mnist" and len(ds) == 128
+    assert len(asked) == 4 and asked[0].startswith("https://ossci-datasets.s3.amazonaws.com/mnist/")
+    assert sorted(p.name for p in (cache / "mnist").iterdir()) == sorted(p.name for p in mnist_dir.iterdir())
+    for p in mnist_dir.iterdir():  # the verified bytes, and no temporary file left beside them
+        assert (cache / "mnist" / p.name).read_bytes() == p.read_bytes()
+    assert "downloading" in capsys.readouterr().err
+    load_dataset("mnist", "train", data_dir=tmp_path / "nowhere")  # found in the cache now
+    assert len(asked) == 4
+
+
+def test_download_to_home_cache_without_positnn_data(tmp_path, monkeypatch, mnist_dir, isolated_home):
+    _serve_fixture(monkeypatch, mnist_dir)
+    assert data.cache_dir() == isolated_home / ".cache" / "positnn"
+    assert load_dataset("mnist", "train").source == isolated_home / ".cache" / "positnn" / "mnist"
+
+
+def test_download_with_bad_checksum_is_refused_and_leaves_nothing(tmp_path, monkeypatch, mnist_dir):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("POSITNN_DATA", str(cache))
+    _serve_fixture(monkeypatch, mnist_dir, tamper="t10k-images-idx3-ubyte.gz")
+    with pytest.raises(DatasetNotFoundError, match="checksum mismatch") as info:
+        load_dataset("mnist", "test", data_dir=tmp_path / "nowhere")
+    assert "sha256 of the decompressed content" in str(info.value)
+    assert not (cache / "mnist" / "t10k-images-idx3-ubyte.gz").exists()
+    assert [p.name for p in (cache / "mnist").iterdir() if p.name.startswith(".")] == []
+
+
+def test_interrupted_download_leaves_no_partial_file(tmp_path, monkeypatch):
+    class Broken(io.BytesIO):
+        def read(self, *args):
+            if self.tell() > 0:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return super().read(10)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *a, **k: Broken(b"x" * 100))
+    with pytest.raises(DownloadError, match="Connection reset"):
+        fetch("mnist", tmp_path)
+    assert list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_offline_message_says_where_it_looked_what_failed_and_how_to_get_it(tmp_path, monkeypatch,
+                                                                             isolated_home):
+    monkeypatch.setenv("POSITNN_DATA", str(tmp_path / "env"))
+    # conftest makes every download fail as an offline machine's would.
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion-mnist", "train", data_dir=tmp_path / "nowhere")
+    msg = str(info.value)
+    for d in candidate_dirs("fashion-mnist", tmp_path / "nowhere"):
+        assert str(d) in msg
+    assert f"Downloading it into {tmp_path / 'env'} failed" in msg
+    assert "network disabled in the test suite" in msg
+    assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz" in msg
+    assert "positnn data fetch fashion-mnist" in msg
+    assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg
+    with pytest.raises(DatasetNotFoundError, match="Looked in") as info:
+        load_dataset("mnist", "test", data_dir=tmp_path / "nowhere", download=False)
+    assert "Downloading" not in str(info.value)
+
+
+def test_train_command_without_data_exits_2_with_the_instructions(tmp_path, capsys):
+    from positnn.cli import main
+
+    assert main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--epochs", "1",
+                 "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "positnn data fetch mnist" in err and "failed" in err and str(tmp_path / "nowhere") in err
+
+
+@pytest.mark.parametrize("fname,ndim", [("train-images-idx3-ubyte.gz", 5), ("train-labels-idx1-ubyte.gz", 5),
+                                        ("train-labels-idx1-ubyte.gz", 0xFF)])
+def test_bad_ndim_header_byte(tmp_path, fname, ndim):
+    write_mnist(tmp_path, n_train=40)
+    _corrupt(tmp_path / fname, lambda b: b[:3] + bytes([ndim]) + b[4:])
+    with pytest.raises(CorruptDatasetError) as info:
+        load_dataset("mnist", "train", data_dir=tmp_path)
+    msg = str(info.value)
+    assert fname in msg and f"header byte 3 (number of dimensions) 0x{ndim:02x} = {ndim}" in msg
+    assert f"idx{fname[fname.index('idx') + 3]}" in msg
+
+
+def test_huge_header_shape_in_a_renamed_file_is_reported_without_overflow(tmp_path):
+    # No idxN in the name: the shape comes from the bytes; its size must not wrap around.
+    p = tmp_path / "labels.bin"
+    p.write_bytes(bytes([0, 0, 8, 5]) + np.array([128, 117571840, 67175433, 84475910, 150995205],
+                                                 ">u4").tobytes() + b"\0" * 64)
+    with pytest.raises(CorruptDatasetError, match=r"truncated: header \(magic number 0x00000805, 5 "
+                                                  r"dimensions\)") as info:
+        read_idx(p)
+    assert str(2**64) not in str(info.value) and "-" not in str(info.value).split("says shape")[1]
