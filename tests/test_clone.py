@@ -1,7 +1,7 @@
 """A fresh clone, with no data sets beside it, runs the CLI tests without skipping any.
 
 The clone is of HEAD: it tests what is committed, so uncommitted changes are not covered
-here (commit first). Marked slow: it re-runs tests/test_cli.py in a subprocess.
+here (commit first). It re-runs tests/test_cli.py in a subprocess (about 40 s).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-pytestmark = pytest.mark.slow
 
 
 def _repo_root() -> Path | None:
