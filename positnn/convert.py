@@ -1,15 +1,13 @@
-"""``convert(model, policy)``: swap the torch layers of any module tree for posit ones.
+"""``convert(model, policy)``: any PyTorch model, every operation in its stage's format.
 
-Each supported layer (exact type match, so a subclass with its own ``forward`` is never
-silently replaced) becomes its ``positnn.nn`` counterpart through ``from_float`` with the
-policy resolved for its path; its weights are rounded to that layer's O format. Containers
-(``Sequential``, ``ModuleList``, custom modules with children) are kept, with their
-children converted: arithmetic a container does in its own ``forward`` (a residual add,
-say) stays float, and the next posit layer rounds its result to that layer's F.
-
-Every arithmetic posit op rounds its input to its F format, so the first layer's input
-(the data) is rounded to the first layer's F format, and a layer whose F differs from the
-previous layer's converts at the boundary.
+Layers with a positnn counterpart (exact type match, so a subclass with its own
+``forward`` is never silently replaced) become that module through ``from_float``, with
+the policy resolved for their path and their weights rounded to its O format: they run
+PositNN's own autograd functions, bit for bit as the paper's layers. Everything else
+(containers, LayerNorm, Embedding, attention, arithmetic in a custom ``forward``, ...) is
+kept and runs under the any-model engine (``positnn.engine``): each op in the stage of
+its module path, model inputs rounded to the F format of the first op that uses them.
+With an all-float32 policy the model is torch's own, unchanged.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from . import nn as pnn
+from .engine import attach
 from .policy import Policy
 
 SUPPORTED: dict[type, type] = {
@@ -39,54 +38,20 @@ SUPPORTED: dict[type, type] = {
     nn.CrossEntropyLoss: pnn.CrossEntropyLoss,
     nn.MSELoss: pnn.MSELoss,
 }
-# Modules that do no arithmetic and hold no state: kept as they are.
-PASSTHROUGH: tuple[type, ...] = (nn.Identity,)
-
-
-class UnsupportedModuleError(TypeError):
-    """Raised by :func:`convert` with every module it cannot convert, by path and type."""
-
-
-def _is_container(module: nn.Module) -> bool:
-    has_children = next(module.children(), None) is not None
-    own_state = next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None
-    return has_children and not own_state
-
-
-def unsupported_modules(model: nn.Module) -> list[tuple[str, str]]:
-    """(path, type name) of every module of ``model`` that :func:`convert` cannot handle."""
-    bad: list[tuple[str, str]] = []
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, pnn.PositModule) or type(module) in SUPPORTED:
-            skip.append(name)
-        elif isinstance(module, PASSTHROUGH) or _is_container(module):
-            continue
-        else:
-            bad.append((name or "<root>", type(module).__name__))
-    return bad
 
 
 def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with every supported layer replaced by its posit counterpart.
+    """Return ``model`` computing every forward and backward op in the policy's formats.
 
     ``policy`` is anything :meth:`Policy.load` takes (a Policy, recipe string such as
-    "posit8-O16-L16q", dict or .toml path). Works on any ``nn.Module`` tree; ``inplace=False``
-    converts a deep copy. Raises :class:`UnsupportedModuleError` listing every unsupported
-    module by path and type, and ValueError when a per-layer pattern of the policy matches
-    no module (a typo guard). Modules already converted are left alone.
+    "posit8-O16-L16q", dict or .toml path). Known layers are swapped for positnn modules
+    and the rest runs under the engine (see the module docstring); an op with no posit
+    semantics raises :class:`~positnn.engine.UnsupportedOpError` when it runs, naming the
+    op and the module path. ``inplace=False`` converts a deep copy. Raises ValueError when
+    a per-layer pattern of the policy matches no module (a typo guard). Modules already
+    converted are left alone.
     """
     policy = Policy.load(policy)
-    bad = unsupported_modules(model)
-    if bad:
-        listing = ", ".join(f"{path!r} ({kind})" for path, kind in bad)
-        supported = ", ".join(sorted(t.__name__ for t in SUPPORTED))
-        raise UnsupportedModuleError(
-            f"cannot convert {len(bad)} module(s): {listing}. Supported layers: {supported}; "
-            f"containers whose own forward only calls their children are kept."
-        )
     names = [name for name, _ in model.named_modules() if name]
     unmatched = policy.unmatched_patterns(names)
     if unmatched:
@@ -98,7 +63,7 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
     if not inplace:
         model = copy.deepcopy(model)
     if type(model) in SUPPORTED:
-        return SUPPORTED[type(model)].from_float(model, policy.for_layer(""), "")
+        return _with_engine(SUPPORTED[type(model)].from_float(model, policy.for_layer(""), ""), policy)
     tied = _tied_parameters(model)
     # A module reached by two paths becomes one posit module, converted under its first path.
     converted: dict[int, nn.Module] = {}
@@ -110,7 +75,16 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
                     converted[id(child)] = SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path)
                 setattr(module, child_name, converted[id(child)])
     for owners in tied:
-        _retie([(converted.get(id(m), m), attr, path) for m, attr, path in owners])
+        _retie([(converted.get(id(m), m), attr, path) for m, attr, path in owners], policy)
+    return _with_engine(model, policy)
+
+
+def _with_engine(model: nn.Module, policy: Policy) -> nn.Module:
+    """The engine for every op outside positnn modules, unless every stage is float32."""
+    paths = [p for p, _ in model.named_modules()]
+    if all(policy.for_layer(p).is_float for p in paths) or hasattr(model, "posit_engine"):
+        return model
+    attach(model, policy)
     return model
 
 
@@ -124,19 +98,21 @@ def _tied_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str, str]]]
     return [list(group.values()) for group in owners.values() if len(group) > 1]
 
 
-def _retie(owners: list[tuple[nn.Module, str, str]]) -> None:
+def _retie(owners: list[tuple[nn.Module, str, str]], policy: Policy) -> None:
     """Make converted owners of one tied parameter share one posit master again; tie only
     what one O format can hold."""
+    def master_format(m: nn.Module, path: str):
+        return m.policy.optimizer if isinstance(m, pnn.PositModule) else policy.for_layer(path.rpartition(".")[0]).optimizer
+
+    # Keep a positnn module's parameter: it is already an O master, tagged for the optimizers.
+    owners = sorted(owners, key=lambda o: not isinstance(o[0], pnn.PositModule))
     first, attr0, path0 = owners[0]
     kept = getattr(first, attr0)
-    fmt0 = _master_format(first)
+    fmt0 = master_format(first, path0)
     for m, attr, path in owners[1:]:
-        if _master_format(m) != fmt0:
+        fmt = master_format(m, path)
+        if fmt != fmt0:
             raise ValueError(f"tied parameter {path0} / {path}: the policy gives them different O formats "
-                             f"({fmt0 or 'float'} and {_master_format(m) or 'float'}); one parameter has one master")
+                             f"({fmt0 or 'float'} and {fmt or 'float'}); one parameter has one master")
         setattr(m, attr, kept)
     kept.posit_shared = True  # the layers sum its contributions in O (see functional)
-
-
-def _master_format(module: nn.Module):
-    return module.policy.optimizer if isinstance(module, pnn.PositModule) else None
