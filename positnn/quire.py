@@ -40,7 +40,7 @@ MODES = ("exact", "none", "float32", "float64")
 # The largest limb magnitude a loaded quire state may hold: the sum of up to 2**28 quires'
 # digits, far from int64 overflow when the kernels add 2**40-sized chunks and carry.
 LIMB_BOUND = 1 << 48
-_NO_EXP = 1 << 20  # "exponent" of an all-zero row
+_NO_EXP = slicing.NO_BITS  # "exponent" of an all-zero row
 _DBL_MAX, _DBL_TRUE_MIN = float(np.finfo(np.float64).max), 2.0**-1074
 # Exact mode computes in float64, so every product must lie within its range: the lowest
 # bits of a and b may add up to no less than 2**-1074, their tops to at most 2**1020 / K.
@@ -195,15 +195,13 @@ def matmul(
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
 
 
-def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e, hi, lo): frexp exponents of x (2**(e-1) <= |v| < 2**e), and their max and min
-    along ``dim`` (kept) over the finite nonzero entries, (-_NO_EXP, _NO_EXP) where there
-    are none (NaR entries propagate by themselves)."""
+def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, hi): frexp exponents of x (2**(e-1) <= |v| < 2**e), and their max along ``dim``
+    (kept) over the finite nonzero entries, -_NO_EXP where there are none (NaR entries
+    propagate by themselves)."""
     e = torch.frexp(x).exponent.to(torch.int64)
     live = torch.isfinite(x) & (x != 0)
-    hi = torch.where(live, e, -_NO_EXP).amax(dim, keepdim=True)
-    lo = torch.where(live, e, _NO_EXP).amin(dim, keepdim=True)
-    return e, hi, lo
+    return e, torch.where(live, e, -_NO_EXP).amax(dim, keepdim=True)
 
 
 def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool, dt: torch.dtype) -> torch.Tensor:
@@ -222,26 +220,26 @@ def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     """
     info = np.finfo(np.float32 if dt == torch.float32 else np.float64)
     emin, emax = int(info.minexp), int(info.maxexp)  # normal |v| in [2**emin, 2**emax)
-    ea, ha, la = _exponents(a, -1)  # (B, M, K), (B, M, 1)
-    bt = b.transpose(-1, -2)
-    eb, hb, lb = _exponents(bt, -1)  # (B, N, K), (B, N, 1)
-    if bias is None:
-        hc, lc = -_NO_EXP, _NO_EXP
-    else:
-        _, hc, lc = _exponents(bias, 0)
-        hc, lc = int(hc), int(lc)
-    lo_a, lo_b = int(la.min()) - 1, int(lb.min()) - 1  # lowest magnitudes (2**lo <= |v|)
-    hi_a, hi_b = int(ha.max()), int(hb.max())
-    if min(lo_a, lo_b, lo_a + lo_b, lc - 1) >= emin and max(hi_a, hi_b, hi_a + hi_b, hc) < emax:
+    # One pass per operand: 2**(lo - 1) <= |v| < 2**hi over the whole tensor.
+    (hi_a, lo_a, bad_a), (hi_b, lo_b, bad_b) = (slicing.magnitude_range(_host(t).reshape(-1).contiguous().numpy()) for t in (a, b))
+    hc, lc, bad_c = (-_NO_EXP, _NO_EXP, 0) if bias is None else slicing.magnitude_range(bias.contiguous().numpy())
+    if min(lo_a - 1, lo_b - 1, lo_a + lo_b - 2, lc - 1) >= emin and max(hi_a, hi_b, hi_a + hi_b, hc) < emax:
         y = torch.matmul(a.to(dt), b.to(dt))
         if bias is not None:
             y = y + bias.to(dt)
-        # Partial sums may still overflow (a tight bound up front would refuse too much).
-        finite_in = torch.isfinite(a).all(-1, keepdim=True) & torch.isfinite(b).all(-2, keepdim=True)
-        if bias is not None:
-            finite_in = finite_in & torch.isfinite(bias)
-        if not bool((~torch.isfinite(y) & finite_in).any()):
+        # Partial sums may still overflow (a tight bound up front would refuse too much):
+        # an inf or NaN that no NaR input explains.
+        if bool(torch.isfinite(y).all()):
             return fmt.round(y, underflow=underflow)
+        if bad_a or bad_b or bad_c:
+            finite_in = torch.isfinite(a).all(-1, keepdim=True) & torch.isfinite(b).all(-2, keepdim=True)
+            if bias is not None:
+                finite_in = finite_in & torch.isfinite(bias)
+            if not bool((~torch.isfinite(y) & finite_in).any()):
+                return fmt.round(y, underflow=underflow)
+    bt = b.transpose(-1, -2)
+    ea, ha = _exponents(a, -1)  # (B, M, K), (B, M, 1)
+    eb, hb = _exponents(bt, -1)  # (B, N, K), (B, N, 1)
     W = (-emin - 2) // 2  # band entries in [2**-W, 1): products >= 2**(emin + 2)
     lhs, sa = _bands(a.double(), ea, ha, W)  # (B, P*M, K), (B, P, M)
     rhs, sb = _bands(bt.double(), eb, hb, W)  # (B, Q*N, K), (B, Q, N)
@@ -253,7 +251,7 @@ def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     # underflows is below 2**-1000 of it.
     top = torch.where(G != 0, scale, -_NO_EXP).amax(dim=(1, 3))  # (B, M, N)
     top = torch.where(top > -_NO_EXP, top, 0)
-    rel = (scale - top[:, None, :, None, :]).clamp_min(-2 * _NO_EXP)
+    rel = (scale - top[:, None, :, None, :]).clamp_min(-4096)  # 2**-4096: 0 in float64 anyway
     with np.errstate(under="ignore"):
         z = torch.from_numpy(np.ldexp(G.numpy(), rel.numpy().astype(np.int32))).sum(dim=(1, 3))
     z = _ldexp(z, top)

@@ -147,17 +147,26 @@ def extreme_case(draw):
 @settings(max_examples=60, deadline=None)
 @given(extreme_case())
 def test_float_modes_at_extreme_scales_vs_exact(case):
-    """With positive posits (no cancellation) a float mode's result is a neighbour of the
-    exact one, never NaR and never 0; with one term (an exact float product) it is exact."""
+    """With positive posits (no cancellation) a float mode's result is never NaR and never
+    0. Where the float holds a product of two posits exactly, one term gives the exact
+    result and more terms a neighbour of it; otherwise (posit(32,2) in float32, whose
+    operands the cast rounds) it is within the float's relative error of it."""
     f, mode, a, b = case
     got = quire.matmul(a, b, f, mode=mode)
     assert not torch.isnan(got).any() and (got > 0).all(), (got, mode)
     ref = _ref_pattern(a.numpy(), b.numpy(), f.nbits, f.es)
     pat = f.encode(got).to(torch.int64).numpy() & ((1 << f.nbits) - 1)
-    if a.shape[1] == 1:
-        assert np.array_equal(pat, ref), (got, [[float(decode_pattern(int(p), f.nbits, f.es)) for p in r] for r in ref])
+    K = a.shape[1]
+    mantissa = 24 if mode == "float32" else 53
+    if 2 * f.max_significand_bits <= mantissa:
+        if K == 1:
+            assert np.array_equal(pat, ref), (pat, ref)
+        else:
+            assert (np.abs(pat - ref) <= 1).all(), (pat, ref)
     else:
-        assert (np.abs(pat - ref) <= 1).all(), (pat, ref)
+        want = np.vectorize(lambda p: float(decode_pattern(int(p), f.nbits, f.es)))(ref)
+        close = np.abs(got.numpy() - want) <= want * (K + 2) * 2.0 ** (1 - mantissa)
+        assert (close | (np.abs(pat - ref) <= 1)).all(), (got, want)
 
 
 # ============================================================================ Posit arguments
