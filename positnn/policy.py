@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
@@ -150,7 +150,7 @@ class Policy:
         if (
             isinstance(self.loss_scale, bool)
             or not isinstance(self.loss_scale, (int, float))
-            or not (self.loss_scale > 0 and math.isfinite(self.loss_scale))
+            or not 0 < self.loss_scale <= sys.float_info.max  # also refuses nan, inf and ints beyond float
         ):
             raise ValueError(f"loss_scale must be a finite positive number, got {self.loss_scale!r}")
         set_("loss_scale", float(self.loss_scale))

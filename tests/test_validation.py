@@ -240,7 +240,7 @@ def test_policy_dict_and_toml_refuse_letter_and_name_together(tmp_path):
     assert Policy.from_dict({"F": "posit8", "optimizer": "posit16"}).forward == Posit(8, 2)
 
 
-@pytest.mark.parametrize("scale", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("scale", [math.inf, -math.inf, math.nan, 10**400])
 def test_policy_refuses_non_finite_loss_scale(scale):
     with pytest.raises(ValueError) as info:
         Policy(loss_scale=scale)
