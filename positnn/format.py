@@ -8,10 +8,12 @@ The work is done by the numba kernels in ``positnn.kernels``, compiled at first 
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from .kernels import arith
@@ -20,10 +22,13 @@ from .kernels import rounding as rk
 MIN_NBITS, MAX_NBITS = 2, 32
 MIN_ES, MAX_ES = 0, 5
 ROUNDING_MODES = ("nearest", "stochastic")
+# One alternative per bracket pair, so that "posit<8,2)" is refused.
 _PARSE_RE = re.compile(
-    r"^\s*(?:posit\s*[(<]\s*(\d+)\s*,\s*(\d+)\s*[)>]|p(?:osit)?(\d+)(?:e|_|es)(\d+)|posit(\d+))\s*$",
+    r"^\s*(?:posit\s*(?:\(\s*(\d+)\s*,\s*(\d+)\s*\)|<\s*(\d+)\s*,\s*(\d+)\s*>)"
+    r"|p(?:osit)?(\d+)(?:e|_|es)(\d+)|posit(\d+))\s*$",
     re.IGNORECASE,
 )
+PARSE_FORMS = ("posit(N,ES)", "posit<N,ES>", "pNeES", "positN_ES", "positN (ES = 2)")
 
 TensorLike = torch.Tensor | float | int
 
@@ -41,9 +46,16 @@ class Posit:
     es: int
 
     def __post_init__(self) -> None:
-        for name, value, lo, hi in (("nbits", self.nbits, MIN_NBITS, MAX_NBITS), ("es", self.es, MIN_ES, MAX_ES)):
-            if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        for name, lo, hi in (("nbits", MIN_NBITS, MAX_NBITS), ("es", MIN_ES, MAX_ES)):
+            value = getattr(self, name)
+            try:  # any integral number (numpy and torch integers too), but not a bool or 8.0
+                number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+            except TypeError:
+                number = None
+            if number is None or not lo <= number <= hi:
                 raise ValueError(f"posit {name} must be an integer in [{lo}, {hi}], got {value!r}")
+            # A plain int, so that hashing and equality agree with Posit(8, 2).
+            object.__setattr__(self, name, int(number))
 
     def __repr__(self) -> str:
         return f"Posit({self.nbits}, {self.es})"
@@ -58,13 +70,13 @@ class Posit:
         m = _PARSE_RE.match(text) if isinstance(text, str) else None
         if m is None:
             raise ValueError(
-                f"cannot parse posit format {text!r}: expected 'posit(N,ES)', 'pNeES' or 'positN' "
+                f"cannot parse posit format {text!r}: expected one of {', '.join(PARSE_FORMS)} "
                 f"with {MIN_NBITS} <= N <= {MAX_NBITS} and {MIN_ES} <= ES <= {MAX_ES}"
             )
         g = m.groups()
-        if g[4] is not None:
-            return cls(int(g[4]), 2)
-        nbits, es = (g[0], g[1]) if g[0] is not None else (g[2], g[3])
+        if g[6] is not None:
+            return cls(int(g[6]), 2)
+        nbits, es = next((g[i], g[i + 1]) for i in (0, 2, 4) if g[i] is not None)
         return cls(int(nbits), int(es))
 
     # -- constants ----------------------------------------------------------------------
@@ -132,14 +144,16 @@ class Posit:
         "stochastic" picks the upper neighbour with probability linear in the distance,
         drawing from ``generator``. ``underflow=True`` flushes |x| <= minpos / useed to 0
         (PositNN's non-standard option).
+
+        The result is detached: rounding has no autograd rule, so gradients do not flow
+        through it (``positnn.functional`` defines the ops' backward passes).
         """
+        check_rounding_options(rounding, underflow)
         x = _check_float(x, "x")
         if rounding == "nearest":
             return _launch(rk.round_nearest, self, (x,), underflow, cast_inputs=False)
-        if rounding == "stochastic":
-            rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator))
-            return _launch(rk.round_stochastic, self, (x, rand), underflow, cast_inputs=False)
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+        rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator))
+        return _launch(rk.round_stochastic, self, (x, rand), underflow, cast_inputs=False)
 
     def encode(self, x: torch.Tensor, *, round: bool = False) -> torch.Tensor:
         """Two's-complement bit patterns (``storage_dtype``) of posit values; NaR is 100...0.
@@ -221,6 +235,15 @@ class Posit:
 
     def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike) -> torch.Tensor:
         return self.round(fn(_as_tensor(a).double()))
+
+
+def check_rounding_options(rounding: str = "nearest", underflow: bool = False) -> None:
+    """Raise ValueError unless ``rounding`` is one of ROUNDING_MODES and ``underflow`` a bool
+    (a string such as "yes" would otherwise be truthy, or reach a kernel untyped)."""
+    if not isinstance(rounding, str) or rounding not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {rounding!r}")
+    if not isinstance(underflow, (bool, np.bool_)):
+        raise ValueError(f"underflow must be a bool (True or False), got {underflow!r}")
 
 
 def _positive(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:

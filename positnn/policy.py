@@ -22,12 +22,17 @@ import fnmatch
 import functools
 import os
 import re
-import tomllib
+import sys
 from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (see pyproject.toml)
+    import tomli as tomllib
 
 from .format import ROUNDING_MODES, Posit
 
@@ -142,8 +147,12 @@ class Policy:
         if self.grad_reduction is None:
             set_("grad_reduction", "mean" if all(getattr(self, s) is None for s in STAGES) else "positnn")
         _choice(self.grad_reduction, GRAD_REDUCTIONS, "grad_reduction")
-        if isinstance(self.loss_scale, bool) or not isinstance(self.loss_scale, (int, float)) or not self.loss_scale > 0:
-            raise ValueError(f"loss_scale must be a positive number, got {self.loss_scale!r}")
+        if (
+            isinstance(self.loss_scale, bool)
+            or not isinstance(self.loss_scale, (int, float))
+            or not 0 < self.loss_scale <= sys.float_info.max  # also refuses nan, inf and ints beyond float
+        ):
+            raise ValueError(f"loss_scale must be a finite positive number, got {self.loss_scale!r}")
         set_("loss_scale", float(self.loss_scale))
         if not isinstance(self.layers, Mapping):
             raise ValueError(f"layers must map module names or globs to dicts of overrides, got {self.layers!r}")
@@ -178,6 +187,7 @@ class Policy:
         parts = body.split("-")
         base = parse_format(parts[0], f"recipe {text!r}: base format {parts[0]!r}")
         stages: dict[str, Format] = {s: base for s in STAGES}
+        given: dict[str, str] = {}  # stage letter -> the part that set it
         for part in parts[1:]:
             letter, rest = part[:1].upper(), part[1:]
             if letter not in STAGE_LETTERS or not rest:
@@ -185,6 +195,9 @@ class Policy:
                     f"recipe {text!r}: cannot read part {part!r}; expected <stage><format> with stage one of "
                     f"{tuple(STAGE_LETTERS)} and format like '16', '(16,1)', 'p16e1' or 'float32'"
                 )
+            if letter in given:
+                raise ValueError(f"recipe {text!r}: stage {letter} is given twice, as {given[letter]!r} and {part!r}")
+            given[letter] = part
             fmt_text = f"posit{rest}" if re.fullmatch(r"\d+|\(\s*\d+\s*,\s*\d+\s*\)", rest) else rest
             stages[STAGE_LETTERS[letter]] = parse_format(fmt_text, f"recipe {text!r}: stage {letter}")
         if quire == "exact" and all(v is None for v in stages.values()):
@@ -205,6 +218,7 @@ class Policy:
         unknown = sorted(set(d) - allowed)
         if unknown:
             raise ValueError(f"unknown policy key(s) {unknown}; allowed: {sorted(allowed)}")
+        _refuse_letter_conflicts(d, "policy")
         kwargs = {STAGE_LETTERS.get(k, k): v for k, v in d.items() if k != "recipe"}
         if "recipe" in d:
             return replace(cls.parse(d["recipe"]), **kwargs)
@@ -265,8 +279,16 @@ class Policy:
         return [p for p in self.layers if not any(p == n or (_is_glob(p) and fnmatch.fnmatchcase(n, p)) for n in names)]
 
     def __str__(self) -> str:
+        """Stages, quire and reduction always, then every other field that differs from its
+        default, so that two different policies never print the same."""
         stages = " ".join(f"{s[0].upper()}={getattr(self, s) or 'float32'}" for s in STAGES)
-        extra = f" layers={dict((k, dict(v)) for k, v in self.layers.items())}" if self.layers else ""
+        shown = (*STAGES, "quire", "grad_reduction", "layers")
+        extra = "".join(
+            f" {f.name}={getattr(self, f.name)!r}" for f in fields(self)
+            if f.name not in shown and getattr(self, f.name) != f.default
+        )
+        if self.layers:
+            extra += f" layers={dict((k, dict(v)) for k, v in self.layers.items())}"
         return f"Policy({stages} quire={self.quire} reduction={self.grad_reduction}{extra})"
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,7 +313,18 @@ def _is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
 
 
+def _refuse_letter_conflicts(d: Mapping[str, Any], what: str) -> None:
+    """Raise ValueError when a stage is given both by letter and by name ("F" and "forward"):
+    which one wins would depend on the order of the keys."""
+    for letter, name in STAGE_LETTERS.items():
+        if letter in d and name in d:
+            raise ValueError(
+                f"{what}: stage {name} is given twice, as {letter!r} = {d[letter]!r} and {name!r} = {d[name]!r}; keep one"
+            )
+
+
 def _normalise_overrides(over: Mapping[str, Any], what: str) -> dict[str, Any]:
+    _refuse_letter_conflicts(over, what)
     out: dict[str, Any] = {}
     for key, value in over.items():
         key = STAGE_LETTERS.get(key, key)

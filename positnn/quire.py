@@ -13,7 +13,9 @@ Other modes, named as PositNN and its peers name them:
 - ``"none"``: no quire; each product is rounded, then each addition, in order over K
   (PositNN QUIRE_MODE 0). The bias, if any, is the initial accumulator.
 - ``"float32"`` / ``"float64"``: accumulate in that float, round once. Approximations,
-  kept for comparison with frameworks that simulate posits this way.
+  kept for comparison with frameworks that simulate posits this way. Products beyond the
+  float's range are scaled by exact powers of two instead of overflowing to inf (NaR) or
+  flushing to 0, so results saturate at maxpos and minpos as posits do.
 
 Inputs are taken as exact real values (posits of any format, or any floats); NaN and +-inf
 are NaR and make every output they touch NaR. Exact mode raises ValueError when products
@@ -24,15 +26,22 @@ format with max_exponent <= 500 never do.
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .format import Posit
+from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
 from .kernels import slicing
 
 MODES = ("exact", "none", "float32", "float64")
+# The largest limb magnitude a loaded quire state may hold: the sum of up to 2**28 quires'
+# digits, far from int64 overflow when the kernels add 2**40-sized chunks and carry.
+LIMB_BOUND = 1 << 48
+_NO_EXP = slicing.NO_BITS  # "exponent" of an all-zero row
+_DBL_MAX, _DBL_TRUE_MIN = float(np.finfo(np.float64).max), 2.0**-1074
 # Exact mode computes in float64, so every product must lie within its range: the lowest
 # bits of a and b may add up to no less than 2**-1074, their tops to at most 2**1020 / K.
 # Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit.
@@ -144,6 +153,7 @@ def matmul(
     tensor of ``fmt.dtype`` on a's device. See the module docstring for the modes.
     """
     _check_mode(mode)
+    check_rounding_options(underflow=underflow)
     _check_operand(a, "a")
     _check_operand(b, "b")
     if bias is not None:
@@ -180,13 +190,111 @@ def matmul(
             (no_bias if bias64 is None else bias64).contiguous().numpy(), out.numpy(), fmt.nbits, fmt.es, underflow,
         )
     else:
-        dt = torch.float32 if mode == "float32" else torch.float64
-        y = torch.matmul(a3.to(dt), b3.to(dt))
-        if bias64 is not None:
-            y = y + bias64.to(dt)
-        out = fmt.round(y, underflow=underflow)
+        out = _float_bmm(a3, b3, bias64, fmt, underflow, torch.float32 if mode == "float32" else torch.float64)
 
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
+
+
+def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e, hi): frexp exponents of x (2**(e-1) <= |v| < 2**e), and their max along ``dim``
+    (kept) over the finite nonzero entries, -_NO_EXP where there are none (NaR entries
+    propagate by themselves)."""
+    e = torch.frexp(x).exponent.to(torch.int64)
+    live = torch.isfinite(x) & (x != 0)
+    return e, torch.where(live, e, -_NO_EXP).amax(dim, keepdim=True)
+
+
+def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool, dt: torch.dtype) -> torch.Tensor:
+    """a (B, M, K) @ b (B, K, N) + bias accumulated in float ``dt``, rounded once.
+
+    As a float GEMM with an unbounded exponent: posits saturate, so a product beyond the
+    float's range must give maxpos, not inf (NaR), and one below it minpos, not 0.
+    - Every operand and product within dt's normal range: the plain GEMM, as is, unless a
+      partial sum overflowed (an inf or NaN from finite inputs).
+    - Otherwise each row of a and column of b is cut into bands of W binades below its
+      top, each band scaled by a power of two to a top of 1 (exact) so that products of
+      two bands stay normal in dt. One dt GEMM multiplies every band pair; the pairs are
+      summed in float64 relative to the largest and scaled back, saturating where float64
+      ends (every posit does too, well inside it). Rows and columns within W binades give
+      one band: the plain GEMM of the scaled operands.
+    """
+    info = np.finfo(np.float32 if dt == torch.float32 else np.float64)
+    emin, emax = int(info.minexp), int(info.maxexp)  # normal |v| in [2**emin, 2**emax)
+    # One pass per operand: 2**(lo - 1) <= |v| < 2**hi over the whole tensor.
+    (hi_a, lo_a, bad_a), (hi_b, lo_b, bad_b) = (slicing.magnitude_range(_host(t).reshape(-1).contiguous().numpy()) for t in (a, b))
+    hc, lc, bad_c = (-_NO_EXP, _NO_EXP, 0) if bias is None else slicing.magnitude_range(bias.contiguous().numpy())
+    if min(lo_a - 1, lo_b - 1, lo_a + lo_b - 2, lc - 1) >= emin and max(hi_a, hi_b, hi_a + hi_b, hc) < emax:
+        y = torch.matmul(a.to(dt), b.to(dt))
+        if bias is not None:
+            y = y + bias.to(dt)
+        # Partial sums may still overflow (a tight bound up front would refuse too much):
+        # an inf or NaN that no NaR input explains.
+        if bool(torch.isfinite(y).all()):
+            return fmt.round(y, underflow=underflow)
+        if bad_a or bad_b or bad_c:
+            finite_in = torch.isfinite(a).all(-1, keepdim=True) & torch.isfinite(b).all(-2, keepdim=True)
+            if bias is not None:
+                finite_in = finite_in & torch.isfinite(bias)
+            if not bool((~torch.isfinite(y) & finite_in).any()):
+                return fmt.round(y, underflow=underflow)
+    bt = b.transpose(-1, -2)
+    ea, ha = _exponents(a, -1)  # (B, M, K), (B, M, 1)
+    eb, hb = _exponents(bt, -1)  # (B, N, K), (B, N, 1)
+    W = (-emin - 2) // 2  # band entries in [2**-W, 1): products >= 2**(emin + 2)
+    lhs, sa = _bands(a.double(), ea, ha, W)  # (B, P*M, K), (B, P, M)
+    rhs, sb = _bands(bt.double(), eb, hb, W)  # (B, Q*N, K), (B, Q, N)
+    nb, P, M = sa.shape
+    Q, N = sb.shape[1:]
+    G = torch.matmul(lhs.to(dt), rhs.to(dt).transpose(-1, -2)).double().view(nb, P, M, Q, N)
+    scale = sa[:, :, :, None, None] + sb[:, None, None, :, :]  # (B, P, M, Q, N)
+    # Sum the band pairs relative to the largest nonzero one: no overflow, and whatever
+    # underflows is below 2**-1000 of it.
+    top = torch.where(G != 0, scale, -_NO_EXP).amax(dim=(1, 3))  # (B, M, N)
+    top = torch.where(top > -_NO_EXP, top, 0)
+    rel = (scale - top[:, None, :, None, :]).clamp_min(-4096)  # 2**-4096: 0 in float64 anyway
+    with np.errstate(under="ignore"):
+        z = torch.from_numpy(np.ldexp(G.numpy(), rel.numpy().astype(np.int32))).sum(dim=(1, 3))
+    z = _ldexp(z, top)
+    if bias is not None:  # in float64, where z may lie beyond dt's range
+        z = _saturate(z + bias, z, keep_zero=True)
+    return fmt.round(z, underflow=underflow)
+
+
+def _bands(x: torch.Tensor, e: torch.Tensor, hi: torch.Tensor, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of x (B, R, K) cut into P bands of W binades below each row's top ``hi``:
+    (bands (B, P*R, K), scales (B, P, R)) with x[b, r] = sum_p bands[b, pR + r] * 2**scales[b, p, r].
+
+    Band p holds the entries with exponent in (hi - (p+1)W, hi - pW], scaled into
+    [2**-W, 1); the rest of the band is 0. NaR entries stay, unscaled, in band 0.
+    """
+    live = torch.isfinite(x) & (x != 0)
+    top = torch.where(hi > -_NO_EXP, hi, 0)  # (B, R, 1)
+    band = torch.where(live, (top - e) // W, 0)
+    P = int(band.max()) + 1 if band.numel() else 1
+    shift = top - band * W
+    scaled = torch.where(live, _ldexp(x, -shift), x)
+    out = torch.zeros((P, *x.shape), dtype=torch.float64)
+    out.scatter_(0, band.unsqueeze(0), scaled.unsqueeze(0))
+    nb, R, K = x.shape
+    scales = (top.squeeze(-1).unsqueeze(1) - W * torch.arange(P).view(1, P, 1))  # (B, P, R)
+    return out.permute(1, 0, 2, 3).reshape(nb, P * R, K), scales
+
+
+def _ldexp(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """x * 2**e in float64 (e broadcast), exact where the result is normal, saturating to
+    +-DBL_MAX and +-the smallest subnormal instead of overflowing to inf or flushing to 0."""
+    with np.errstate(over="ignore", under="ignore"):  # saturated below
+        z = np.ldexp(x.numpy(), torch.broadcast_to(e, x.shape).numpy().astype(np.int32))
+    return _saturate(torch.from_numpy(z), x)
+
+
+def _saturate(z: torch.Tensor, x: torch.Tensor, keep_zero: bool = False) -> torch.Tensor:
+    """z computed from x: an inf where x is finite becomes +-DBL_MAX and (unless
+    ``keep_zero``, for sums that may cancel exactly) a 0 where x is not becomes +-2**-1074."""
+    z = torch.where(torch.isinf(z) & torch.isfinite(x), torch.copysign(torch.tensor(_DBL_MAX, dtype=torch.float64), z), z)
+    if keep_zero:
+        return z
+    return torch.where((z == 0) & (x != 0), torch.copysign(torch.tensor(_DBL_TRUE_MIN, dtype=torch.float64), x), z)
 
 
 def _squeeze(out: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
@@ -430,11 +538,62 @@ class Quire:
         """The exact state: format, shape and limbs."""
         return {"format": str(self.fmt), "shape": list(self.shape), "limbs": self.limbs.clone()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a state saved by ``state_dict`` (same format and shape required)."""
-        if Posit.parse(state["format"]) != self.fmt or list(state["shape"]) != list(self.shape):
-            raise ValueError(f"quire state is for {state['format']} {state['shape']}, not {self.fmt} {list(self.shape)}")
-        self.limbs = state["limbs"].clone()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a state saved by ``state_dict``: same format and shape, and limbs of
+        this quire's shape and dtype, small enough for the kernels to carry exactly.
+        Raises ValueError naming the key at fault; the quire is unchanged then."""
+        self.limbs = self._checked_limbs(state)
+
+    def _checked_limbs(self, state: Mapping[str, Any]) -> torch.Tensor:
+        """The limbs of ``state`` (a CPU copy) after checking every invariant the kernels
+        rely on: they index rows and limbs without bounds checks, in int64."""
+        keys = {"format", "shape", "limbs"}
+        if not isinstance(state, Mapping) or set(state) != keys:
+            got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"quire state must be a dict with keys {sorted(keys)}, got {got}")
+        fmt = state["format"]
+        try:
+            parsed = Posit.parse(fmt)
+        except ValueError:
+            parsed = None
+        if parsed != self.fmt:
+            raise ValueError(f"quire state key 'format' is {fmt!r}, expected {str(self.fmt)!r}")
+        shape = state["shape"]
+        if not isinstance(shape, (list, tuple, torch.Size)) or list(shape) != list(self.shape):
+            raise ValueError(f"quire state key 'shape' is {shape!r}, expected {list(self.shape)}")
+        limbs = state["limbs"]
+        if not isinstance(limbs, torch.Tensor) or limbs.dtype != torch.int64:
+            got = f"a tensor of dtype {limbs.dtype}" if isinstance(limbs, torch.Tensor) else type(limbs).__name__
+            raise ValueError(f"quire state key 'limbs' is {got}, expected a torch.int64 tensor")
+        if limbs.shape != self.limbs.shape:
+            raise ValueError(
+                f"quire state key 'limbs' has shape {tuple(limbs.shape)}, expected {tuple(self.limbs.shape)} "
+                f"(one row per quire, {self.limbs.shape[1]} limbs of {acc.LIMB} bits for {self.fmt})"
+            )
+        limbs = limbs.detach().cpu().clone().contiguous()
+        # Saved limbs are digits < 2**LIMB, or sums of a few quires' digits (__add__ does not
+        # carry); far larger ones would overflow int64 as the kernels add and carry.
+        if limbs.numel() and int(limbs.abs().max()) > LIMB_BOUND:
+            raise ValueError(
+                f"quire state key 'limbs' holds a limb of magnitude {int(limbs.abs().max())}, "
+                f"expected at most 2**{LIMB_BOUND.bit_length() - 1} (a corrupt state)"
+            )
+        top = _carry_top(limbs)
+        if top.numel() and not bool(((top >= -1) & (top <= 0)).all()):
+            raise ValueError(
+                f"quire state key 'limbs' holds a value beyond the quire's {limbs.shape[1] * acc.LIMB - 1} bits "
+                f"(the top limb carries to {int(top[(top < -1) | (top > 0)][0])}, expected 0 or -1)"
+            )
+        return limbs
+
+
+def _carry_top(limbs: torch.Tensor) -> torch.Tensor:
+    """Per row, what the top limb holds after carrying every lower limb into digits (as
+    ``kernels.accumulate.normalize``): 0 or -1 for a value that fits the row."""
+    carry = torch.zeros(limbs.shape[0], dtype=torch.int64)
+    for col in limbs[:, :-1].unbind(1):
+        carry = (col + carry) >> acc.LIMB
+    return limbs[:, -1] + carry
 
 
 def _product_error(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

@@ -104,3 +104,20 @@ def global_span(x):
         lo = min(lo, b)
         nonfinite += 0 if np.isfinite(v) else 1
     return hi, lo, nonfinite
+
+
+@njit(parallel=True, cache=True)
+def magnitude_range(x):
+    """(hi, lo, nonfinite) over a flat array: 2**(lo - 1) <= |v| < 2**hi for every finite
+    nonzero entry ((-NO_BITS, NO_BITS) when there are none), and how many entries are NaN
+    or infinite, in one pass (the float quire modes' range check)."""
+    hi = -NO_BITS
+    lo = NO_BITS
+    nonfinite = 0
+    for i in prange(x.size):
+        v = np.float64(x[i])
+        t, _ = _top_low(v)
+        hi = max(hi, t)
+        lo = min(lo, t if t > -NO_BITS else NO_BITS)
+        nonfinite += 0 if np.isfinite(v) else 1
+    return hi, lo, nonfinite
