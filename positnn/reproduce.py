@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .policy import tomllib
 from .report import PAPER_TABLE4, PAPER_TABLE7, markdown_table, plot_runs, read_metrics
 from .train import TrainConfig
 
