@@ -18,7 +18,6 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
-
 def _repo_root() -> Path | None:
     if shutil.which("git") is None:
         return None
