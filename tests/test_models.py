@@ -117,5 +117,35 @@ def test_registry():
     m = build_model("mlp", 5, in_features=12, hidden=(6,))
     assert isinstance(m, MLP) and m(torch.randn(2, 12)).shape == (2, 5)
     assert build_model("lenet5", 10, in_channels=3).conv1.in_channels == 3
-    with pytest.raises(ValueError, match="lenet5, cifarnet, mlp"):
+    with pytest.raises(ValueError, match="lenet5, cifarnet, mlp, resnet20, gpt"):
         build_model("resnet18", 10)
+
+
+def test_resnet20_is_he_et_al_cifar_resnet():
+    from positnn.models import resnet20
+
+    m = resnet20()
+    assert sum(p.numel() for p in m.parameters()) == 269_722  # 0.27 M with option-A shortcuts
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(convs) == 19 and sum(isinstance(x, nn.Linear) for x in m.modules()) == 1  # 19 + 1 = 20 layers
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert resnet20(num_classes=7, in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+
+
+def test_gpt_has_nanogpt_shape_and_a_tied_head():
+    from positnn.models import gpt
+
+    m = gpt(65)
+    assert m.lm_head.weight is m.wte.weight
+    assert sum(p.numel() for p in m.parameters()) == 804_096  # nanoGPT prints 0.80M for this config
+    idx = torch.randint(0, 65, (3, 64))
+    assert m(idx).shape == (3, 64, 65)
+    # Causal: changing a later token never changes an earlier position's logits.
+    m.eval()
+    later = idx.clone()
+    later[:, 40:] = (later[:, 40:] + 1) % 65
+    assert torch.allclose(m(idx)[:, :40], m(later)[:, :40])
+    with pytest.raises(ValueError, match="block size 64"):
+        m(torch.randint(0, 65, (1, 65)))
+    out = m.generate(idx[:1, :5], 7, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 12) and torch.equal(out[:, :5], idx[:1, :5])
