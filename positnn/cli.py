@@ -20,7 +20,8 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: the paper's LeNet-5 / Fashion-MNIST / posit8-O16-L16q)")
     defaults = TrainConfig.__dataclass_fields__
     helps = {
-        "model": "lenet5, cifarnet or mlp", "dataset": "mnist, fashion-mnist, cifar10 or cifar100",
+        "model": "lenet5, cifarnet, mlp, resnet20, or gpt (character LM)",
+        "dataset": "mnist, fashion-mnist, cifar10, cifar100, or tinyshakespeare (with --model gpt)",
         "policy": "a recipe (posit8-O16-L16q, posit(16,1), float32, ...), or a .toml policy file",
         "subset": "train and test on the first N images only (quick looks)",
         "lr_step": "halve (x lr-gamma) the learning rate every this many epochs",
@@ -33,14 +34,56 @@ def _add_train(sub) -> None:
         # from "given with the default value".
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
                        help=f"{helps.get(f.name, '')} (default: {defaults[f.name].default})")
+    from .train_lm import LMConfig
+
+    for f in fields(LMConfig):
+        if f.name in defaults:
+            continue
+        kind = {"int": int, "float": float}[str(f.type).split(" ")[0]]
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
+                       help=f"(--model gpt) default: {LMConfig.__dataclass_fields__[f.name].default}")
     p.add_argument("--out", help="run directory (default: runs/DATASET-MODEL-POLICY)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
 
 
+def _cmd_train_lm(args) -> int:
+    from .train_lm import LMConfig, read_lm_checkpoint, train_lm
+
+    names = {f.name for f in fields(LMConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names | {f.name for f in _OPTIONS}}
+    given.pop("model", None)
+    if given.pop("dataset", "tinyshakespeare") != "tinyshakespeare":
+        raise ValueError("--model gpt trains on --dataset tinyshakespeare only")
+    wrong = sorted(set(given) - names)
+    if wrong:
+        raise ValueError(f"option(s) {', '.join('--' + w.replace('_', '-') for w in wrong)} do not apply to --model gpt "
+                         f"(an iteration-based run: see --max-iters, --eval-interval)")
+    out = Path(args.out or f"runs/tinyshakespeare-gpt-{re.sub(r'[^A-Za-z0-9.-]+', '_', given.get('policy', LMConfig.policy))}")
+    if args.resume and (out / "checkpoint.pt").exists():
+        saved = read_lm_checkpoint(out / "checkpoint.pt")["config"]
+        cfg = LMConfig.from_dict({**saved, **given})
+    else:
+        cfg = LMConfig(**given)
+    print(f"training gpt on tinyshakespeare with {cfg.policy} into {out}")
+    try:
+        history = train_lm(cfg, out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    if history:
+        print(f"final validation loss {history[-1]['val_loss']:.4f}; metrics in {out}/metrics.csv")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from .train import read_checkpoint, resume_config, train
 
+    if getattr(args, "model", None) == "gpt" or getattr(args, "dataset", None) == "tinyshakespeare":
+        return _cmd_train_lm(args)
+    lm_only = sorted(k for k in vars(args) if k not in {f.name for f in _OPTIONS} | {"out", "resume", "no_progress",
+                                                                                     "command"})
+    if lm_only:
+        raise ValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in lm_only)} apply to --model gpt only")
     given = {f.name: getattr(args, f.name) for f in _OPTIONS if hasattr(args, f.name)}
     if args.out:
         out = Path(args.out)
@@ -142,6 +185,13 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_sample(args) -> int:
+    from .train_lm import sample
+
+    print(sample(args.run, args.max_new_tokens, prompt=args.prompt, temperature=args.temperature, seed=args.seed))
+    return 0
+
+
 def _cmd_fetch(args) -> int:
     from .data import fetch
 
@@ -192,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", help="table7 only (default: mnist fashion-mnist)")
     p.add_argument("--data-dir")
 
+    p = sub.add_parser("sample", help="generate text from a language-model run's checkpoint")
+    p.add_argument("run", help="the run directory of a `positnn train --model gpt` run")
+    p.add_argument("--max-new-tokens", type=int, default=500)
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+
     p = sub.add_parser("data", help="data set commands")
     dsub = p.add_subparsers(dest="data_command", required=True)
     f = dsub.add_parser("fetch", help="download a data set from its canonical source (needs network)")
@@ -201,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "quantize-eval": _cmd_quantize_eval, "formats": _cmd_formats,
-            "plot": _cmd_plot, "reproduce": _cmd_reproduce, "data": _cmd_fetch}
+            "plot": _cmd_plot, "reproduce": _cmd_reproduce, "sample": _cmd_sample, "data": _cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,311 @@
+"""Character-level language modelling: tiny Shakespeare, nanoGPT's schedule, posit stages.
+
+``train_lm(config, out)`` trains the GPT of ``positnn.models`` for ``max_iters``
+iterations of random ``block_size`` windows (seeded), with AdamW (weight decay on the
+matrices only), linear warmup and cosine decay to ``min_lr``, and gradient clipping.
+Every ``eval_interval`` iterations it estimates the train and validation loss on
+``eval_iters`` fixed batches and appends a row to ``metrics.csv`` / ``metrics.jsonl``;
+the checkpoint (``torch.load(..., weights_only=True)`` safe, written atomically) holds
+every RNG state, so ``resume=True`` continues bit-identically. The split is nanoGPT's
+``shakespeare_char``: the first 90% of the text for training, the rest for validation.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import optim
+from .convert import convert
+from .data import _base_dirs
+from .models import GPT
+from .policy import Policy
+from .train import _atomic_save, _versions
+
+TEXT_FILE = "input.txt"
+TEXT_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+TEXT_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+LM_METRICS = ("iter", "lr", "train_loss", "val_loss", "seconds")
+LM_CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class CharCorpus:
+    """A text as token ids over its sorted character set, split 90/10."""
+
+    chars: str
+    train: torch.Tensor
+    val: torch.Tensor
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharCorpus":
+        chars = "".join(sorted(set(text)))
+        if len(text) < 20 or len(chars) < 2:
+            raise ValueError(f"a character corpus needs at least 20 characters and 2 symbols, got {len(text)} "
+                             f"characters and {len(chars)} symbols")
+        lookup = {c: i for i, c in enumerate(chars)}
+        ids = torch.tensor([lookup[c] for c in text], dtype=torch.int64)
+        n = int(0.9 * len(ids))
+        return cls(chars, ids[:n], ids[n:])
+
+    def encode(self, text: str) -> torch.Tensor:
+        unknown = sorted(set(text) - set(self.chars))
+        if unknown:
+            raise ValueError(f"characters {unknown} are not in the corpus' vocabulary")
+        return torch.tensor([self.chars.index(c) for c in text], dtype=torch.int64)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        return "".join(self.chars[i] for i in ids.tolist())
+
+
+def load_text(data_dir: str | os.PathLike | None = None) -> CharCorpus:
+    """Tiny Shakespeare from ``data_dir`` (or its ``tinyshakespeare/`` folder),
+    ``$POSITNN_DATA`` or ``~/.cache/positnn``, checked against its sha256. A file of
+    another content is used (a user's own corpus) only when given by ``data_dir``."""
+    looked = []
+    for i, base in enumerate(_base_dirs(data_dir)):
+        for d in (base / "tinyshakespeare", base):
+            path = d / TEXT_FILE
+            looked.append(str(path))
+            if path.is_file():
+                raw = path.read_bytes()
+                if hashlib.sha256(raw).hexdigest() != TEXT_SHA256 and not (i == 0 and data_dir is not None):
+                    raise ValueError(f"{path} is not tiny Shakespeare (sha256 differs from {TEXT_SHA256})")
+                return CharCorpus.from_text(raw.decode("utf-8"))
+    raise FileNotFoundError(
+        "tiny Shakespeare not found; looked for " + ", ".join(looked) + f". Get it with\n  mkdir -p "
+        f"~/.cache/positnn/tinyshakespeare && curl -o ~/.cache/positnn/tinyshakespeare/{TEXT_FILE} {TEXT_URL}\n"
+        "or pass --data-dir DIR with DIR/input.txt")
+
+
+@dataclass
+class LMConfig:
+    """One language-model run; the defaults are nanoGPT's CPU shakespeare_char recipe."""
+
+    policy: str = "posit8-O16-L16q"
+    max_iters: int = 2000
+    batch_size: int = 12
+    block_size: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 2000
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_iters: int = 20
+    seed: int = 1337
+    data_dir: str | None = None
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            kind = str(f.type).split(" ")[0]
+            if v is None and "None" in str(f.type):
+                continue
+            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+                raise ValueError(f"{f.name} must be an integer, got {v!r}")
+            if kind == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+                setattr(self, f.name, float(v))
+        for name in ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters",
+                     "eval_interval", "eval_iters"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.beta1 < 1 or not 0 <= self.beta2 < 1:
+            raise ValueError("dropout, beta1 and beta2 must lie in [0, 1)")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_iters, weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        Policy.load(self.policy)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown LM config keys {sorted(unknown)}")
+        return cls(**d)
+
+    def lr_at(self, it: int) -> float:
+        """nanoGPT's schedule: linear warmup, cosine decay to min_lr, then min_lr."""
+        if it < self.warmup_iters:
+            return self.lr * (it + 1) / (self.warmup_iters + 1)
+        if it > self.lr_decay_iters:
+            return self.min_lr
+        ratio = (it - self.warmup_iters) / max(self.lr_decay_iters - self.warmup_iters, 1)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.lr - self.min_lr)
+
+
+def build_lm(config: LMConfig, vocab: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The (converted) GPT and its AdamW, weight decay on parameters of 2 or more dims."""
+    torch.manual_seed(config.seed)
+    model: torch.nn.Module = GPT(vocab, config.block_size, config.n_layer, config.n_head, config.n_embd, config.dropout)
+    policy = Policy.load(config.policy)
+    model = convert(model, policy)
+    params = list(model.parameters())
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+    return model, opt
+
+
+def _batch(data: torch.Tensor, config: LMConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ix = torch.randint(len(data) - config.block_size - 1, (config.batch_size,), generator=g)
+    x = torch.stack([data[i:i + config.block_size] for i in ix.tolist()])
+    y = torch.stack([data[i + 1:i + 1 + config.block_size] for i in ix.tolist()])
+    return x, y
+
+
+@torch.no_grad()
+def estimate_loss(model: torch.nn.Module, corpus: CharCorpus, config: LMConfig) -> dict[str, float]:
+    """Mean cross entropy (float64, from the logits) on ``eval_iters`` fixed batches."""
+    model.eval()
+    out = {}
+    for split, data in (("train", corpus.train), ("val", corpus.val)):
+        g = torch.Generator().manual_seed(config.seed + (1 if split == "val" else 2))
+        losses = [float(F.cross_entropy(model(x).double().flatten(0, 1), y.flatten()))
+                  for x, y in (_batch(data, config, g) for _ in range(config.eval_iters))]
+        out[split] = sum(losses) / len(losses)
+    model.train()
+    return out
+
+
+def _clip_into_O(model: torch.nn.Module, max_norm: float) -> None:
+    """torch's clipping, then each gradient back in its O format (the optimizer's inputs)."""
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    with torch.no_grad():
+        for p in model.parameters():
+            lp = getattr(p, "posit_policy", None)
+            if p.grad is not None and lp is not None and lp.optimizer is not None:
+                p.grad.copy_(lp.optimizer.round(p.grad, underflow=lp.underflow))
+
+
+def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
+             log=print, stop_after: int | None = None) -> list[dict]:
+    """Train the character GPT into the run directory ``out``; returns the evaluation rows."""
+    out = Path(out)
+    ckpt_path = out / LM_CHECKPOINT
+    if not resume and out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
+                         f"pass --resume to continue a run there, or choose another --out")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    corpus = load_text(config.data_dir)
+    model, opt = build_lm(config, len(corpus.chars))
+    g = torch.Generator().manual_seed(config.seed)
+    history: list[dict] = []
+    start = 0
+    if resume:
+        ckpt = read_lm_checkpoint(ckpt_path)
+        saved = LMConfig.from_dict(ckpt["config"])
+        if replace(saved, max_iters=0, threads=None, data_dir=None) != replace(config, max_iters=0, threads=None,
+                                                                                data_dir=None):
+            raise ValueError(f"cannot resume {out}: its config {asdict(saved)} differs from {asdict(config)} "
+                             f"beyond max_iters, threads and data_dir")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        g.set_state(ckpt["batch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        history, start = ckpt["history"], ckpt["iter"]
+        log(f"resuming {out} at iteration {start}")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions(),
+                                                     "vocab": corpus.chars}, indent=2))
+    t0, done = time.perf_counter(), 0
+    bar = tqdm(range(start, config.max_iters), desc="iter", disable=not progress, dynamic_ncols=True,
+               initial=start, total=config.max_iters)
+    for it in bar:
+        if stop_after is not None and done >= stop_after:
+            break
+        if it % config.eval_interval == 0 or it == config.max_iters - 1:
+            losses = estimate_loss(model, corpus, config)
+            history.append({"iter": it, "lr": config.lr_at(it), "train_loss": losses["train"], "val_loss": losses["val"],
+                            "seconds": round(time.perf_counter() - t0, 2)})
+            _write_lm_metrics(out, history)
+            log(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        for group in opt.param_groups:
+            group["lr"] = config.lr_at(it)
+        x, y = _batch(corpus.train, config, g)
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if config.grad_clip:
+            _clip_into_O(model, config.grad_clip)
+        opt.step()
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+        done += 1
+        if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters or stop_after == done:
+            _atomic_save({"iter": it + 1, "config": asdict(config), "history": history, "versions": _versions(),
+                          "vocab": corpus.chars, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "batch_rng": g.get_state(), "torch_rng": torch.get_rng_state()}, ckpt_path)
+    return history
+
+
+def _write_lm_metrics(out: Path, history: list[dict]) -> None:
+    tmp = out / "metrics.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LM_METRICS)
+        w.writeheader()
+        w.writerows(history)
+    os.replace(tmp, out / "metrics.csv")
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def read_lm_checkpoint(path: str | os.PathLike) -> dict:
+    """A language-model checkpoint, read with ``weights_only=True``; ValueError naming the
+    file when it is not one."""
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file raises many kinds
+        raise ValueError(f"{path} is not a readable positnn checkpoint ({type(e).__name__})") from e
+    need = ("iter", "config", "history", "vocab", "model", "optimizer", "batch_rng", "torch_rng")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+        raise ValueError(f"{path} is not a positnn language-model checkpoint (it needs {', '.join(need)})")
+    return ckpt
+
+
+def sample(run_dir: str | os.PathLike, max_new_tokens: int = 500, *, prompt: str = "\n", temperature: float = 1.0,
+           seed: int = 0) -> str:
+    """Text generated by a run's checkpointed model after ``prompt``, in the run's posits."""
+    if max_new_tokens < 1 or not temperature > 0:
+        raise ValueError(f"need max_new_tokens >= 1 and temperature > 0, got {max_new_tokens} and {temperature}")
+    ckpt = read_lm_checkpoint(Path(run_dir) / LM_CHECKPOINT)
+    config = LMConfig.from_dict(ckpt["config"])
+    corpus_chars = ckpt["vocab"]
+    model, _ = build_lm(config, len(corpus_chars))
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    lookup = {c: i for i, c in enumerate(corpus_chars)}
+    unknown = sorted(set(prompt) - set(lookup))
+    if unknown:
+        raise ValueError(f"prompt characters {unknown} are not in the model's vocabulary")
+    idx = torch.tensor([[lookup[c] for c in prompt]], dtype=torch.int64)
+    ids = model.generate(idx, max_new_tokens, temperature, generator=torch.Generator().manual_seed(seed))
+    return "".join(corpus_chars[i] for i in ids[0].tolist())
