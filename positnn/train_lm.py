@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -220,8 +220,8 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
     if resume:
         ckpt = read_lm_checkpoint(ckpt_path)
         saved = LMConfig.from_dict(ckpt["config"])
-        if replace(saved, max_iters=0, threads=None, data_dir=None) != replace(config, max_iters=0, threads=None,
-                                                                                data_dir=None):
+        free = {"max_iters": 0, "threads": None, "data_dir": None}
+        if asdict(saved) | free != asdict(config) | free:
             raise ValueError(f"cannot resume {out}: its config {asdict(saved)} differs from {asdict(config)} "
                              f"beyond max_iters, threads and data_dir")
         model.load_state_dict(ckpt["model"])
