@@ -211,7 +211,10 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
         raise ValueError(f"{out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
                          f"pass --resume to continue a run there, or choose another --out")
     if config.threads:
+        import numba
+
         torch.set_num_threads(config.threads)
+        numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
     corpus = load_text(config.data_dir)
     model, opt = build_lm(config, len(corpus.chars))
     g = torch.Generator().manual_seed(config.seed)
