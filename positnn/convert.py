@@ -63,7 +63,8 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
     if not inplace:
         model = copy.deepcopy(model)
     if type(model) in SUPPORTED:
-        return _with_engine(SUPPORTED[type(model)].from_float(model, policy.for_layer(""), ""), policy)
+        new = SUPPORTED[type(model)].from_float(model, policy.for_layer(""), "")
+        return _with_engine(new.train(model.training), policy)
     tied = _tied_parameters(model)
     # A module reached by two paths becomes one posit module, converted under its first path.
     converted: dict[int, nn.Module] = {}
@@ -72,7 +73,8 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
             if type(child) in SUPPORTED or id(child) in converted:
                 path = f"{name}.{child_name}" if name else child_name
                 if id(child) not in converted:
-                    converted[id(child)] = SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path)
+                    new = SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path)
+                    converted[id(child)] = new.train(child.training)
                 setattr(module, child_name, converted[id(child)])
     for owners in tied:
         _retie([(converted.get(id(m), m), attr, path) for m, attr, path in owners], policy)

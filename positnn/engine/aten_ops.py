@@ -35,7 +35,7 @@ EXACT = {
     aten.contiguous, aten.slice, aten.select, aten.squeeze, aten.unsqueeze, aten.cat, aten.stack, aten.split,
     aten.split_with_sizes, aten.unbind, aten.index, aten.index_select, aten.gather, aten.embedding, aten.where,
     aten.max, aten.amax, aten.argmax, aten.min, aten.amin, aten.argmin, aten.relu, aten.threshold_backward,
-    aten.detach, aten.alias, aten._to_copy, aten.copy_, aten.zeros, aten.ones, aten.full, aten.empty, aten.empty_like,
+    aten.detach, aten.alias, aten._to_copy, aten.to, aten.copy_, aten.zeros, aten.ones, aten.full, aten.empty, aten.empty_like,
     aten.zeros_like, aten.ones_like, aten.full_like, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full,
     aten.arange, aten.scalar_tensor, aten.lift_fresh, aten.lift_fresh_copy, aten.fill_, aten.zero_, aten.le, aten.lt,
     aten.gt, aten.ge, aten.eq, aten.ne, aten.logical_not, aten.logical_and, aten.logical_or, aten.bitwise_not,
@@ -58,6 +58,20 @@ def op(*packets: Any) -> Callable[[Handler], Handler]:
             TABLE[p] = fn
         return fn
     return register
+
+
+def _bind(func, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by schema name, defaults filled in (overloads differ in which
+    arguments are positional)."""
+    bound = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            bound[a.name] = args[i]
+        elif a.name in kwargs:
+            bound[a.name] = kwargs[a.name]
+        else:
+            bound[a.name] = a.default_value if a.has_default_value() else None
+    return bound
 
 
 def _inplace(func, args, result):
@@ -192,22 +206,19 @@ def _dot(st, func, args, kwargs):
 
 @op(aten.sum)
 def _sum(st, func, args, kwargs):
-    x = args[0]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    dtype = kwargs.get("dtype") or x.dtype
+    b = _bind(func, args, kwargs)
+    x = b["self"]
     if not x.dtype.is_floating_point:
         return func(*args, **kwargs)
-    return st.sum(x, dim, keepdim).to(dtype)
+    return st.sum(x, b.get("dim"), bool(b.get("keepdim"))).to(b.get("dtype") or x.dtype)
 
 
 @op(aten.mean)
 def _mean(st, func, args, kwargs):
-    x = args[0]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    b = _bind(func, args, kwargs)
+    x, dim = b["self"], b.get("dim")
     count = math.prod(x.shape[d] for d in _dimlist(x, dim))
-    return st.div(st.sum(x, dim, keepdim), float(count)).to(kwargs.get("dtype") or x.dtype)
+    return st.div(st.sum(x, dim, bool(b.get("keepdim"))), float(count)).to(b.get("dtype") or x.dtype)
 
 
 def _dimlist(x, dim) -> list[int]:
@@ -218,11 +229,12 @@ def _dimlist(x, dim) -> list[int]:
 
 @op(aten.var, aten.var_mean)
 def _var(st, func, args, kwargs):
-    x = args[0]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    correction = kwargs.get("correction", 1)
-    correction = 1 if correction is None else correction
-    keepdim = kwargs.get("keepdim", False)
+    b = _bind(func, args, kwargs)
+    x, dim, keepdim = b["self"], b.get("dim"), bool(b.get("keepdim"))
+    if "unbiased" in b:
+        correction = 1 if b["unbiased"] is None or b["unbiased"] else 0
+    else:
+        correction = 1 if b.get("correction") is None else b["correction"]
     count = math.prod(x.shape[d] for d in _dimlist(x, dim))
     mean = st.div(st.sum(x, dim, True), float(count))
     d = st.sub(x, mean)

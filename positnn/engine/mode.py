@@ -16,6 +16,7 @@ own exact autograd functions, untouched by either mode.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 import torch
@@ -109,8 +110,9 @@ def _inplace_twin(func: Callable, kwargs: dict) -> tuple[Callable, dict] | None:
 class _Call:
     """One staged call: the function, its flattened arguments and the stages it runs in."""
 
-    def __init__(self, func, flat, spec, idx, lp: LayerPolicy, path: str, engine: "Engine") -> None:
-        self.func, self.flat, self.spec, self.idx, self.path, self.engine = func, flat, spec, idx, path, engine
+    def __init__(self, func, flat, spec, idx, slots, lp: LayerPolicy, path: str, engine: "Engine") -> None:
+        self.func, self.flat, self.spec, self.path, self.engine = func, flat, spec, path, engine
+        self.idx, self.slots = idx, slots  # flat positions of tensors, and which distinct tensor each is
         self.forward, self.backward, self.gradient = (Stage.of(lp, s) for s in ("forward", "backward", "gradient"))
         self.out_flat: list = []
         self.out_spec: Any = None
@@ -119,12 +121,15 @@ class _Call:
 class _StagedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: _Call, *tensors):
-        inputs = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        # Operands enter as F values (parameters as they are: the op rounds its copy, and
+        # their gradient is the parameter's), so the backward sees what the forward used.
+        inputs = [(t.detach() if isinstance(t, nn.Parameter) else _stage_value(call.forward, t.detach()))
+                  .requires_grad_(t.requires_grad) for t in tensors]
         flat = list(call.flat)
-        for i, x in zip(call.idx, inputs):
-            flat[i] = x
+        for i, slot in zip(call.idx, call.slots):
+            flat[i] = inputs[slot]
         args, kwargs = tree_unflatten(flat, call.spec)
-        with torch.enable_grad(), _dispatch(call.forward, call.path, call.engine), _math_attention(call.func):
+        with torch.enable_grad(), _dispatch(call.forward, call.path, call.engine), _math_attention():
             out = call.func(*args, **kwargs)
         out_flat, call.out_spec = tree_flatten(out)
         ptrs = {x.untyped_storage().data_ptr() for x in inputs}
@@ -171,9 +176,20 @@ class _StagedOp(torch.autograd.Function):
         return (None, *result)
 
 
-def _math_attention(func: Callable):
-    """Attention through its math path, which decomposes into ops with posit semantics."""
-    return sdpa_kernel([SDPBackend.MATH]) if func is F.scaled_dot_product_attention else contextlib.nullcontext()
+def _stage_value(stage: Stage, t: torch.Tensor) -> torch.Tensor:
+    """``t`` rounded to the stage, keeping the -inf entries of additive masks."""
+    if stage is NATIVE or not t.dtype.is_floating_point:
+        return t
+    r = stage.round(t)
+    if bool(r.isnan().any()):
+        r = torch.where(t == -math.inf, t, r)
+    return r
+
+
+def _math_attention():
+    """Attention (also inside nn.MultiheadAttention) through its math path, which
+    decomposes into ops with posit semantics."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class Engine(TorchFunctionMode):
@@ -213,13 +229,18 @@ class Engine(TorchFunctionMode):
         idx = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
         needs_grad = torch.is_grad_enabled() and any(flat[i].requires_grad for i in idx)
         if not needs_grad:
-            with _dispatch(Stage.of(lp, "forward"), path, self), _math_attention(func):
+            with _dispatch(Stage.of(lp, "forward"), path, self), _math_attention():
                 return func(*args, **kwargs)
         if twin is not None:  # out of place in posits, then written back, which autograd records
             result = self.__torch_function__(twin[0], types, args, twin[1])
             return args[0].copy_(result)
-        call = _Call(func, flat, spec, idx, lp, path, self)
-        results = iter(_StagedOp.apply(call, *[flat[i] for i in idx]))
+        # One tensor passed several times (q = k = v) is one input: the op's backward sums
+        # its gradients in the stage, not autograd in float.
+        distinct: dict[int, int] = {}
+        slots = [distinct.setdefault(id(flat[i]), len(distinct)) for i in idx]
+        unique = list({id(flat[i]): flat[i] for i in idx}.values())
+        call = _Call(func, flat, spec, idx, slots, lp, path, self)
+        results = iter(_StagedOp.apply(call, *unique))
         out = [next(results) if isinstance(o, torch.Tensor) else o for o in call.out_flat]
         return tree_unflatten(out, call.out_spec)
 
