@@ -9,14 +9,16 @@ patterns, correctly rounded ops, on the fused numba loops of ``kernels``) -> ``q
 
 __version__ = "0.1.0"
 
+from . import backends as backends  # noqa: E402
 from . import functional as functional  # noqa: E402
 from . import nn as nn  # noqa: E402
 from . import optim as optim  # noqa: E402
 from . import quire as quire  # noqa: E402
 from . import stats as stats  # noqa: E402
+from .backends import backend as backend  # noqa: E402
 from .convert import convert as convert  # noqa: E402
 from .format import Posit as Posit  # noqa: E402
 from .policy import LayerPolicy as LayerPolicy  # noqa: E402
 from .policy import Policy as Policy  # noqa: E402
 
-__all__ = ["LayerPolicy", "Policy", "Posit", "convert", "functional", "nn", "optim", "quire", "stats"]
+__all__ = ["LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "functional", "nn", "optim", "quire", "stats"]
