@@ -8,11 +8,10 @@ import functools
 import torch
 
 from ..format import Posit
-from ..policy import LayerPolicy, PolicySpec, layer_policy
+from ..policy import LayerPolicy, layer_policy
 from ..stage import Stage
 from ..stats import LayerStats
 
-PolicyLike = PolicySpec
 IntPair = int | tuple[int, int]
 
 # The functional API's name for the one resolver (a LayerPolicy, a Policy, None, a recipe ...).

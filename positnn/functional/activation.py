@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
-from ..policy import LayerPolicy
+from ..policy import LayerPolicy, PolicySpec
 from ..stats import LayerStats
-from ._common import PolicyLike, _record, resolve, stage
+from ._common import _record, resolve, stage
 
 
 class _ReLU(torch.autograd.Function):
@@ -24,7 +24,7 @@ class _ReLU(torch.autograd.Function):
         return gy.masked_fill(off, 0)
 
 
-def relu(x: torch.Tensor, policy: PolicyLike = None) -> torch.Tensor:
+def relu(x: torch.Tensor, policy: PolicySpec = None) -> torch.Tensor:
     """max(x, 0): exact in every format (NaR stays NaR); the error is routed, not rounded."""
     if not (torch.is_grad_enabled() and x.requires_grad):
         return torch.relu(x)
@@ -53,7 +53,7 @@ class _LeakyReLU(torch.autograd.Function):
         return gx, None, None, None
 
 
-def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, policy: PolicyLike = None, *,
+def leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, policy: PolicySpec = None, *,
                stats: LayerStats | None = None) -> torch.Tensor:
     """x for x > 0, else slope * x rounded in F (the slope itself rounded to F); the
     backward multiplies the error by the slope rounded to B."""
@@ -84,13 +84,13 @@ class _Smooth(torch.autograd.Function):
         return gx, None, None, None
 
 
-def sigmoid(x: torch.Tensor, policy: PolicyLike = None, *, stats: LayerStats | None = None) -> torch.Tensor:
+def sigmoid(x: torch.Tensor, policy: PolicySpec = None, *, stats: LayerStats | None = None) -> torch.Tensor:
     """Logistic sigmoid in F (Posit.sigmoid: evaluated in float64, rounded once);
     backward gy * (y - y*y) in B, the bracket as one fma."""
     return _Smooth.apply(x, "sigmoid", resolve(policy), stats)
 
 
-def tanh(x: torch.Tensor, policy: PolicyLike = None, *, stats: LayerStats | None = None) -> torch.Tensor:
+def tanh(x: torch.Tensor, policy: PolicySpec = None, *, stats: LayerStats | None = None) -> torch.Tensor:
     """tanh in F (evaluated in float64, rounded once); backward gy * (1 - y*y) in B, the
     bracket as one fma."""
     return _Smooth.apply(x, "tanh", resolve(policy), stats)
@@ -118,7 +118,7 @@ class _Dropout(torch.autograd.Function):
         return B.mul(g, keep.to(g.dtype) * s_b), None, None, None
 
 
-def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, policy: PolicyLike = None, *,
+def dropout(x: torch.Tensor, p: float = 0.5, training: bool = True, policy: PolicySpec = None, *,
             generator: torch.Generator | None = None) -> torch.Tensor:
     """Inverted dropout: kept elements times 1/(1-p) rounded to F (one rounding per
     element); the backward applies the same mask and the scale rounded to B. The mask

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from .. import reduction
-from ..policy import LayerPolicy
+from ..policy import LayerPolicy, PolicySpec
 from ..stats import LayerStats
-from ._common import IntPair, PolicyLike, _error_in, _pair, _param_grads, _record, _weight_copies, resolve, stage
+from ._common import IntPair, _error_in, _pair, _param_grads, _record, _weight_copies, resolve, stage
 
 
 def _save_input(x_f: torch.Tensor, lp: LayerPolicy) -> torch.Tensor:
@@ -58,7 +58,7 @@ def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
-    policy: PolicyLike = None,
+    policy: PolicySpec = None,
     *,
     weight_f: torch.Tensor | None = None,
     weight_b: torch.Tensor | None = None,
@@ -120,7 +120,7 @@ def conv2d(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     groups: int = 1,
-    policy: PolicyLike = None,
+    policy: PolicySpec = None,
     *,
     weight_f: torch.Tensor | None = None,
     weight_b: torch.Tensor | None = None,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import reduction
-from ..policy import LayerPolicy
-from ._common import PolicyLike, _batch, resolve, stage
+from ..policy import LayerPolicy, PolicySpec
+from ._common import _batch, resolve, stage
 
 
 def _softmax_parts(x: torch.Tensor, dim: int, lp: LayerPolicy):
@@ -37,7 +37,7 @@ class _LogSoftmax(torch.autograd.Function):
         return L.fma(-L.exp(y), L.sum(g, ctx.dim, keepdim=True), g), None, None
 
 
-def log_softmax(x: torch.Tensor, dim: int = -1, policy: PolicyLike = None) -> torch.Tensor:
+def log_softmax(x: torch.Tensor, dim: int = -1, policy: PolicySpec = None) -> torch.Tensor:
     """log_softmax in L: z = x - max, y = z - log(sum exp z) with the sum in an L quire;
     backward gy - softmax * sum(gy) as one fma per element."""
     return _LogSoftmax.apply(x, dim, resolve(policy))
@@ -81,7 +81,7 @@ class _CrossEntropy(torch.autograd.Function):
         return g, None, None
 
 
-def cross_entropy(x: torch.Tensor, target: torch.Tensor, policy: PolicyLike = None) -> torch.Tensor:
+def cross_entropy(x: torch.Tensor, target: torch.Tensor, policy: PolicySpec = None) -> torch.Tensor:
     """Mean cross entropy of logits (N, C) and class indices (N,), in L.
 
     Softmax as exp(x - max) with the sum in an L quire; the loss value (mean of
@@ -116,7 +116,7 @@ class _MSE(torch.autograd.Function):
         return g, None, None
 
 
-def mse_loss(x: torch.Tensor, target: torch.Tensor, policy: PolicyLike = None) -> torch.Tensor:
+def mse_loss(x: torch.Tensor, target: torch.Tensor, policy: PolicySpec = None) -> torch.Tensor:
     """Mean squared error in L: the sum of squares in one L quire, divided by the element
     count. The gradient is 2 (x - target) / numel ("mean") or times N ("positnn")."""
     if x.shape != target.shape:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from .. import reduction
-from ..policy import LayerPolicy
+from ..policy import LayerPolicy, PolicySpec
 from ..stage import Stage
 from ..stats import LayerStats
-from ._common import PolicyLike, _param_grads, _record, _weight_copies, resolve, stage
+from ._common import _param_grads, _record, _weight_copies, resolve, stage
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    policy: PolicyLike = None,
+    policy: PolicySpec = None,
     *,
     weight_f: torch.Tensor | None = None,
     weight_b: torch.Tensor | None = None,

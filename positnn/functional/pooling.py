@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as TF
 
-from ..policy import LayerPolicy
+from ..policy import LayerPolicy, PolicySpec
 from ..stage import Stage
 from ..stats import LayerStats
-from ._common import IntPair, PolicyLike, _pair, _record, resolve, stage
+from ._common import IntPair, _pair, _record, resolve, stage
 
 
 def _disjoint(kernel, stride, dilation=(1, 1)) -> bool:
@@ -48,7 +48,7 @@ class _MaxPool2d(torch.autograd.Function):
 
 
 def max_pool2d(x: torch.Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
-               dilation: IntPair = 1, policy: PolicyLike = None) -> torch.Tensor:
+               dilation: IntPair = 1, policy: PolicySpec = None) -> torch.Tensor:
     """Max pooling: the forward selects (exact in any format); the backward routes each
     output error to its argmax, exactly, summing overlapping windows in a B quire."""
     k = _pair(kernel_size)
@@ -101,7 +101,7 @@ class _AvgPool2d(torch.autograd.Function):
 
 
 def avg_pool2d(x: torch.Tensor, kernel_size: IntPair, stride: IntPair | None = None, padding: IntPair = 0,
-               divisor_override: int | None = None, policy: PolicyLike = None, *,
+               divisor_override: int | None = None, policy: PolicySpec = None, *,
                stats: LayerStats | None = None) -> torch.Tensor:
     """Average pooling: each window summed in an F quire, then divided by the window size
     in F (zero padding counts, as torch's default ``count_include_pad=True``). Backward:
