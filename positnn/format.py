@@ -3,7 +3,8 @@
 Posit values live in ordinary float tensors (the format's ``dtype``: float32 when every
 value is an exact float32, float64 otherwise), so every torch op, autograd and DataLoader
 can carry them; NaR is held as NaN. Bit patterns (``storage_dtype``) are for storage.
-The work is done by the numba kernels in ``positnn.kernels``, compiled at first use.
+The loops run in the backend of the tensors' device (``positnn.backends``: the numba
+kernels of ``positnn.kernels`` on the CPU, compiled at first use).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .kernels import arith
-from .kernels import rounding as rk
+from .backends import backend_for
 
 MIN_NBITS, MAX_NBITS = 2, 32
 MIN_ES, MAX_ES = 0, 5
@@ -39,7 +39,8 @@ class Posit:
 
     An immutable value object (hashable, comparable) that knows its constants and rounds,
     encodes, decodes and computes on tensors of posit values. Methods accept tensors on any
-    device; the kernels run on the CPU, so other devices round-trip through host memory.
+    device; the backend is chosen by the device (a device without one of its own uses the
+    numba backend, round-tripping through host memory).
     """
 
     nbits: int
@@ -151,9 +152,9 @@ class Posit:
         check_rounding_options(rounding, underflow)
         x = _check_float(x, "x")
         if rounding == "nearest":
-            return _launch(rk.round_nearest, self, (x,), underflow, cast_inputs=False)
+            return backend_for(x.device).round_nearest(x, self, underflow)
         rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator))
-        return _launch(rk.round_stochastic, self, (x, rand), underflow, cast_inputs=False)
+        return backend_for(x.device).round_stochastic(x, rand, self, underflow)
 
     def encode(self, x: torch.Tensor, *, round: bool = False) -> torch.Tensor:
         """Two's-complement bit patterns (``storage_dtype``) of posit values; NaR is 100...0.
@@ -164,9 +165,7 @@ class Posit:
         x = _check_float(x, "x")
         if round:
             x = self.round(x)
-        src = _host_flat(x)
-        out = torch.empty(x.shape, dtype=self.storage_dtype)
-        bad = rk.encode(src, out.view(-1).numpy(), self.nbits, self.es)
+        out, bad = backend_for(x.device).encode(x, self)
         if bad:
             flat = x.detach().reshape(-1).cpu().double()
             wrong = (self.round(flat).double() != flat) & ~flat.isnan()
@@ -175,38 +174,38 @@ class Posit:
                 f"{bad} element(s) are not {self} values, e.g. {flat[idx].item()!r} at flat index {idx}; "
                 f"use encode(x, round=True) or encode(fmt.round(x))"
             )
-        return out.to(x.device)
+        return out
 
     def decode(self, bits: torch.Tensor) -> torch.Tensor:
         """Values of bit patterns (the low ``nbits`` bits of each integer), as ``self.dtype``."""
         if not isinstance(bits, torch.Tensor) or bits.dtype.is_floating_point or bits.dtype.is_complex or bits.dtype == torch.bool:
             raise TypeError(f"decode expects an integer tensor of bit patterns, got {_describe(bits)}")
-        return _launch(rk.decode, self, (bits,), False, cast_inputs=False, pass_underflow=False)
+        return backend_for(bits.device).decode(bits, self)
 
     # -- correctly rounded arithmetic -------------------------------------------------------
     def add(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
         """a + b, computed exactly and rounded once."""
-        return _launch(arith.add, self, (a, b))
+        return self._arith("add", a, b)
 
     def sub(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
         """a - b, computed exactly and rounded once."""
-        return _launch(arith.add, self, (a, -_as_tensor(b)))
+        return self._arith("add", a, -_as_tensor(b))
 
     def mul(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
         """a * b, computed exactly and rounded once."""
-        return _launch(arith.mul, self, (a, b))
+        return self._arith("mul", a, b)
 
     def div(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
         """a / b, correctly rounded; division by zero gives NaR."""
-        return _launch(arith.div, self, (a, b))
+        return self._arith("div", a, b)
 
     def sqrt(self, a: TensorLike) -> torch.Tensor:
         """Square root, correctly rounded; negative inputs give NaR."""
-        return _launch(arith.sqrt, self, (a,))
+        return self._arith("sqrt", a)
 
     def fma(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
         """a * b + c with a single rounding."""
-        return _launch(arith.fused_multiply_add, self, (a, b, c))
+        return self._arith("fma", a, b, c)
 
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for posit inputs; other inputs are rounded)."""
@@ -235,6 +234,15 @@ class Posit:
 
     def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike) -> torch.Tensor:
         return self.round(fn(_as_tensor(a).double()))
+
+    def _arith(self, op: str, *operands: TensorLike) -> torch.Tensor:
+        """Backend op ``op`` on the broadcast operands, the result on the device of the
+        first operand that is not a scalar (Python numbers become float64 scalars)."""
+        tensors = [_as_tensor(t) for t in operands]
+        device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
+        if len(tensors) > 1:
+            tensors = torch.broadcast_tensors(*tensors)
+        return getattr(backend_for(device), op)(*tensors, self, device)
 
 
 def check_rounding_options(rounding: str = "nearest", underflow: bool = False) -> None:
@@ -278,28 +286,3 @@ def _as_tensor(x: TensorLike) -> torch.Tensor:
 
 def _gen_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
-
-
-def _host_flat(t: torch.Tensor, float64: bool = False):
-    """A contiguous 1-D numpy view (or copy) of ``t`` on the host, in a kernel dtype."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if float64 and t.dtype != torch.float64:
-        t = t.double()
-    elif t.dtype in (torch.float16, torch.bfloat16):
-        t = t.float()
-    return t.contiguous().view(-1).numpy()
-
-
-def _launch(kernel, fmt: Posit, operands, underflow: bool = False, *, cast_inputs: bool = True, pass_underflow: bool = True) -> torch.Tensor:
-    """Broadcast the operands, run ``kernel`` over them into a new ``fmt.dtype`` tensor."""
-    tensors = [_as_tensor(t) if cast_inputs else t for t in operands]
-    device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
-    if len(tensors) > 1:
-        tensors = torch.broadcast_tensors(*tensors)
-    arrays = [_host_flat(t, float64=cast_inputs) for t in tensors]
-    out = torch.empty(tensors[0].shape, dtype=fmt.dtype)
-    args = (*arrays, out.view(-1).numpy(), fmt.nbits, fmt.es)
-    kernel(*args, underflow) if pass_underflow else kernel(*args)
-    return out if device.type == "cpu" else out.to(device)

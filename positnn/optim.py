@@ -28,7 +28,8 @@ import torch
 from torch.optim import Optimizer
 
 from .format import Posit
-from .policy import LayerPolicy, round_scalar
+from .policy import LayerPolicy
+from .rounding import round_scalar
 
 
 def _stage(p: torch.Tensor) -> tuple[Posit | None, LayerPolicy | None]:

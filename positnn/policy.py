@@ -12,14 +12,13 @@ PositNN's five stages (notes, section 4) are named as the fields of :class:`Poli
 A stage is a :class:`~positnn.format.Posit` or ``None`` (plain float: no rounding at all),
 so float baselines and partial studies run through the same code. :meth:`Policy.for_layer`
 resolves the per-layer overrides into a :class:`LayerPolicy` for one module, and
-:func:`maybe_round` is the one "round, or pass through when the stage is float" step that
-every op uses.
+:func:`layer_policy` does so from any policy spec. The numerics of a stage live in
+:mod:`positnn.stage` (and the bare-format helpers in :mod:`positnn.rounding`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-import functools
 import os
 import re
 import sys
@@ -27,7 +26,6 @@ from dataclasses import dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import torch
 
 try:
     import tomllib
@@ -35,6 +33,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (see pypr
     import tomli as tomllib
 
 from .format import ROUNDING_MODES, Posit
+from .rounding import is_subformat as is_subformat  # noqa: F401 - moved; re-exported for one release
+from .rounding import maybe_round as maybe_round  # noqa: F401 - moved; re-exported for one release
+from .rounding import round_scalar as round_scalar  # noqa: F401 - moved; re-exported for one release
 
 STAGES = ("forward", "backward", "gradient", "optimizer", "loss")
 STAGE_LETTERS = {"F": "forward", "B": "backward", "G": "gradient", "O": "optimizer", "L": "loss"}
@@ -342,40 +343,17 @@ def _normalise_overrides(over: Mapping[str, Any], what: str) -> dict[str, Any]:
     return out
 
 
-def maybe_round(
-    x: torch.Tensor,
-    fmt: Format,
-    policy: LayerPolicy | Policy | None = None,
-    *,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Round ``x`` to ``fmt`` with the policy's rounding and underflow options, or return it
-    unchanged when the stage is float (``fmt is None``). The single place where a stage
-    conversion happens, so every op rounds the same way."""
-    if fmt is None:
-        return x
-    if policy is None:
-        return fmt.round(x)
-    return fmt.round(x, policy.rounding, underflow=policy.underflow, generator=generator)
+PolicySpec = LayerPolicy | Policy | str | os.PathLike[str] | Mapping[str, Any] | None
+_FLOAT_LAYER = LayerPolicy()  # Policy().for_layer(name) for every name, without building a Policy
 
 
-@functools.lru_cache(maxsize=4096)
-def round_scalar(value: float, fmt: Format) -> float:
-    """A constant (a slope, a dropout scale, a learning rate) as a unit of ``fmt`` holds
-    it: rounded to nearest, or unchanged for a float stage. Cached, since these recur every
-    step and a kernel launch per constant would cost more than a small layer's update."""
-    if fmt is None:
-        return float(value)
-    return float(fmt.round(torch.tensor(float(value), dtype=torch.float64)))
-
-
-def is_subformat(inner: Format, outer: Format) -> bool:
-    """True when every value of ``inner`` is a value of ``outer`` (so rounding an inner
-    value to outer is exact): the same format, outer float, or the same es with at least
-    as many bits (a posit(n, es) pattern followed by zeros is the same posit(m, es) value).
-    Float inner values fit only a float outer."""
-    if outer is None or inner == outer:
-        return True
-    if inner is None:
-        return False
-    return inner.es == outer.es and inner.nbits <= outer.nbits
+def layer_policy(spec: PolicySpec, name: str = "") -> LayerPolicy:
+    """The LayerPolicy of the module at path ``name`` from any policy spec: a LayerPolicy
+    (already resolved: returned as is), None (float32 everywhere), or anything
+    :meth:`Policy.load` reads (a Policy, a recipe string, a dict, a .toml path). The one
+    resolver of modules and functional ops alike."""
+    if isinstance(spec, LayerPolicy):
+        return spec
+    if spec is None:
+        return _FLOAT_LAYER
+    return Policy.load(spec).for_layer(name)

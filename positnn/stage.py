@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as TF
@@ -21,6 +21,7 @@ import torch.nn.functional as TF
 from . import quire
 from .format import Posit
 from .policy import LayerPolicy
+from .rounding import is_subformat, round_scalar
 
 Dims = int | Sequence[int] | None
 
@@ -36,14 +37,26 @@ def _dims(x: torch.Tensor, dim: Dims) -> list[int]:
 class Stage:
     """The numerics of one stage; see :class:`PositStage` and :class:`NativeStage`."""
 
+    # True for torch's own arithmetic: autograd's float accumulation is then this stage's add.
+    native: ClassVar[bool]
+
     @staticmethod
-    def of(lp: LayerPolicy, name: str) -> "Stage":
+    def of(lp: LayerPolicy, name: str, *, round_operands: bool = True) -> "Stage":
         """The stage ``name`` ("forward", "backward", "gradient", "optimizer", "loss") of a
-        resolved layer policy."""
+        resolved layer policy. With ``round_operands=False`` a posit stage takes its
+        operands as they are, for callers that keep them in their stages themselves (the
+        autograd ops of ``positnn.functional``): each op is then the exact result of its
+        operands rounded once, and ``O.sub(f_value, o_value)`` does not round the F value
+        to O first."""
         fmt = getattr(lp, name)
         if fmt is None:
             return NATIVE
-        return PositStage(fmt, lp.quire, lp.rounding, lp.underflow)
+        return PositStage(fmt, lp.quire, lp.rounding, lp.underflow, round_operands)
+
+    def contains(self, other: "Stage") -> bool:
+        """True when every value of ``other`` is a value of this stage, so rounding one to
+        this stage is exact and may be skipped."""
+        return is_subformat(other.fmt, self.fmt)
 
 
 @dataclass(frozen=True)
@@ -51,9 +64,13 @@ class NativeStage(Stage):
     """torch's own arithmetic in the tensors' dtype: the float32 baseline."""
 
     fmt: None = None
+    native: ClassVar[bool] = True
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         return x
+
+    def constant(self, value: float) -> float:
+        return float(value)
 
     def add(self, a, b):
         return torch.add(a, b)
@@ -73,12 +90,27 @@ class NativeStage(Stage):
     def sqrt(self, a):
         return torch.sqrt(a)
 
+    def exp(self, a):
+        return torch.exp(a)
+
+    def log(self, a):
+        return torch.log(a)
+
+    def sigmoid(self, a):
+        return torch.sigmoid(a)
+
+    def tanh(self, a):
+        return torch.tanh(a)
+
     def pointwise(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
         return fn(*xs)
 
     def matmul(self, a, b, bias=None):
         y = torch.matmul(a, b)
         return y if bias is None else y + bias
+
+    def linear(self, x, w, b=None):
+        return TF.linear(x, w, b)
 
     def sum(self, x: torch.Tensor, dim: Dims = None, keepdim: bool = False) -> torch.Tensor:
         return x.sum(_dims(x, dim), keepdim=keepdim) if x.dim() else x.clone()
@@ -104,13 +136,21 @@ class PositStage(Stage):
     quire: str = "exact"
     rounding: str = "nearest"
     underflow: bool = False
+    round_operands: bool = True
+    native: ClassVar[bool] = False
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` rounded to the format (every other method rounds its operands with this)."""
+        """``x`` rounded to the format (every other method rounds its operands with this,
+        unless ``round_operands`` is False)."""
         return self.fmt.round(x, self.rounding, underflow=self.underflow)
 
+    def constant(self, value: float) -> float:
+        """A constant (a slope, a scale) as a value of the format: rounded to nearest
+        whatever the stage's rounding, since it is the same number at every step."""
+        return round_scalar(value, self.fmt)
+
     def _r(self, x):
-        if not isinstance(x, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or not self.round_operands:
             return x
         return self.round(x) if x.dtype.is_floating_point else x.double()  # masks, integer operands: exact
 
@@ -132,6 +172,19 @@ class PositStage(Stage):
     def sqrt(self, a):
         return self.fmt.sqrt(self._r(a))
 
+    # Faithful: evaluated in float64, rounded once to nearest (Posit.exp ...).
+    def exp(self, a):
+        return self.fmt.exp(self._r(a))
+
+    def log(self, a):
+        return self.fmt.log(self._r(a))
+
+    def sigmoid(self, a):
+        return self.fmt.sigmoid(self._r(a))
+
+    def tanh(self, a):
+        return self.fmt.tanh(self._r(a))
+
     def pointwise(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
         """A function with no exact posit algorithm (exp, GELU, their derivatives ...):
         evaluated in float64 on the rounded operands, then rounded once (faithful)."""
@@ -142,6 +195,11 @@ class PositStage(Stage):
         """a @ b (+ bias (N,), inside the quire) with torch.matmul's broadcasting, one quire
         per output."""
         return quire.matmul(self._r(a), self._r(b), self.fmt, bias=None if bias is None else self._r(bias),
+                            mode=self.quire, underflow=self.underflow)
+
+    def linear(self, x, w, b=None):
+        """x @ w.T + b as ``torch.nn.functional.linear``, one quire per output."""
+        return quire.linear(self._r(x), self._r(w), None if b is None else self._r(b), self.fmt,
                             mode=self.quire, underflow=self.underflow)
 
     def sum(self, x: torch.Tensor, dim: Dims = None, keepdim: bool = False) -> torch.Tensor:

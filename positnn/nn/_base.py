@@ -29,19 +29,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..format import Posit
-from ..policy import LayerPolicy, Policy, maybe_round
+from ..policy import PolicySpec, layer_policy
+from ..rounding import maybe_round
 from ..stats import LayerStats
 
 _CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
 _TORCH_STEP_HOOK: list = []
-PolicySpec = LayerPolicy | Policy | str | Mapping[str, Any] | None
-
-
-def layer_policy(policy: PolicySpec, name: str = "") -> LayerPolicy:
-    """The LayerPolicy of a module at path ``name`` from any policy spec."""
-    if isinstance(policy, LayerPolicy):
-        return policy
-    return Policy.load(policy).for_layer(name)
+__all__ = ["PolicySpec", "PositModule", "layer_policy", "load_state_dict"]
 
 
 @torch.no_grad()

@@ -1,0 +1,96 @@
+"""The backend seam: which implementation runs the element-wise posit loops of a tensor.
+
+A backend is a module (or any object) with the entry points :class:`Backend` lists,
+registered under a name for the device types it serves. :func:`backend_for` picks one by
+the tensor's device: "numba" on the CPU, and also for devices that have no backend of
+their own yet (their tensors round-trip through host memory). The environment variable
+``POSITNN_BACKEND`` forces one by name for every device. Backends are imported at their
+first use, and their kernels compile at their first call, never at import.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from ..format import Posit
+
+ENV_VAR = "POSITNN_BACKEND"
+# The backend of devices that have none registered: it reads and writes host memory.
+FALLBACK = "numba"
+
+# name -> backend, or the module path it is imported from at first use
+_backends: dict[str, object] = {"numba": "positnn.backends.numba"}
+# device type -> backend name
+_by_device: dict[str, str] = {"cpu": "numba"}
+
+
+class Backend(Protocol):
+    """The element-wise entry points of a backend. Operands are floating tensors already
+    broadcast to one shape; results are new tensors of ``fmt.dtype`` on ``device`` (on the
+    input's device for the rounding and bit-pattern ops)."""
+
+    NAME: str
+
+    def round_nearest(self, x: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor: ...
+
+    def round_stochastic(self, x: torch.Tensor, rand: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor: ...
+
+    def encode(self, x: torch.Tensor, fmt: Posit) -> tuple[torch.Tensor, int]:
+        """Bit patterns (``fmt.storage_dtype``) and the count of elements that are not
+        values of ``fmt``."""
+        ...
+
+    def decode(self, bits: torch.Tensor, fmt: Posit) -> torch.Tensor: ...
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+    def mul(self, a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+    def div(self, a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+    def sqrt(self, a: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+    def fma(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+
+def register(name: str, backend: Backend | str, device_types: tuple[str, ...] = ()) -> None:
+    """Register ``backend`` (an object, or the path of a module to import at first use)
+    under ``name``, as the backend of each device type in ``device_types``."""
+    _backends[name] = backend
+    for t in device_types:
+        _by_device[t] = name
+
+
+def available() -> tuple[str, ...]:
+    """The names of the registered backends."""
+    return tuple(sorted(_backends))
+
+
+def get(name: str) -> Backend:
+    """The backend registered as ``name``; raises ValueError listing the available ones."""
+    try:
+        b = _backends[name]
+    except KeyError:
+        raise ValueError(f"unknown positnn backend {name!r}; available: {', '.join(available())}") from None
+    if isinstance(b, str):
+        b = _backends[name] = importlib.import_module(b)
+    return b
+
+
+def backend_for(device: torch.device | str) -> Backend:
+    """The backend that runs element-wise loops for tensors on ``device``:
+    ``$POSITNN_BACKEND`` when set, else the one registered for the device type."""
+    forced = os.environ.get(ENV_VAR)
+    if forced:
+        return get(forced)
+    return get(_by_device.get(torch.device(device).type, FALLBACK))
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """The name of the backend active for ``device`` (the CPU by default), e.g. "numba"."""
+    return backend_for(device).NAME

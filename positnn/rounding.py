@@ -1,0 +1,60 @@
+"""Stage conversions on bare formats: round or pass through, constants, subformats.
+
+A format here is a :class:`~positnn.format.Posit` or ``None`` (plain float). These are the
+numeric helpers below :mod:`positnn.stage`, kept apart from the configuration in
+:mod:`positnn.policy` (which re-exports them for one release).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+
+from .format import Posit
+
+if TYPE_CHECKING:
+    from .policy import LayerPolicy, Policy
+
+Format = Posit | None
+
+
+def maybe_round(
+    x: torch.Tensor,
+    fmt: Format,
+    policy: LayerPolicy | Policy | None = None,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Round ``x`` to ``fmt`` with the policy's rounding and underflow options, or return it
+    unchanged when the stage is float (``fmt is None``): for callers holding a bare format
+    (modules' master copies, checkpoints); the autograd ops round through
+    :meth:`positnn.stage.Stage.round`, which rounds the same way."""
+    if fmt is None:
+        return x
+    if policy is None:
+        return fmt.round(x)
+    return fmt.round(x, policy.rounding, underflow=policy.underflow, generator=generator)
+
+
+@functools.lru_cache(maxsize=4096)
+def round_scalar(value: float, fmt: Format) -> float:
+    """A constant (a slope, a dropout scale, a learning rate) as a unit of ``fmt`` holds
+    it: rounded to nearest, or unchanged for a float stage. Cached, since these recur every
+    step and a kernel launch per constant would cost more than a small layer's update."""
+    if fmt is None:
+        return float(value)
+    return float(fmt.round(torch.tensor(float(value), dtype=torch.float64)))
+
+
+def is_subformat(inner: Format, outer: Format) -> bool:
+    """True when every value of ``inner`` is a value of ``outer`` (so rounding an inner
+    value to outer is exact): the same format, outer float, or the same es with at least
+    as many bits (a posit(n, es) pattern followed by zeros is the same posit(m, es) value).
+    Float inner values fit only a float outer."""
+    if outer is None or inner == outer:
+        return True
+    if inner is None:
+        return False
+    return inner.es == outer.es and inner.nbits <= outer.nbits
