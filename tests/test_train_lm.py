@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from positnn.cli import main
-from positnn.train_lm import CharCorpus, LMConfig, load_text, read_lm_checkpoint, sample, train_lm
+from positnn.data import CharCorpus, load_text
+from positnn.train_lm import LMConfig, read_lm_checkpoint, sample, train_lm
 
 TEXT_DIR = Path(__file__).parent / "fixtures" / "tinytext"
 TINY = dict(max_iters=4, batch_size=2, block_size=8, n_layer=1, n_head=2, n_embd=16, eval_interval=2, eval_iters=1,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 import torch
 
@@ -34,12 +35,28 @@ def _host_flat(t: torch.Tensor, float64: bool = False) -> np.ndarray:
     return t.contiguous().view(-1).numpy()
 
 
+# Below this many elements a kernel runs on one thread: waking the pool costs more than
+# the loop (and, on a loaded machine, milliseconds per call). Results do not depend on it.
+SERIAL_BELOW = 1 << 15
+
+
+def _call(kernel, n: int, *args):
+    if n >= SERIAL_BELOW or numba.get_num_threads() == 1:
+        return kernel(*args)
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        return kernel(*args)
+    finally:
+        numba.set_num_threads(threads)
+
+
 def _run(kernel, tensors: tuple[torch.Tensor, ...], fmt: Posit, device: torch.device, *flags: bool,
          float64: bool = True) -> torch.Tensor:
     """``kernel(*operands, out, nbits, es, *flags)`` into a new ``fmt.dtype`` tensor on ``device``."""
     arrays = [_host_flat(t, float64=float64) for t in tensors]
     out = torch.empty(tensors[0].shape, dtype=fmt.dtype)
-    kernel(*arrays, out.view(-1).numpy(), fmt.nbits, fmt.es, *flags)
+    _call(kernel, out.numel(), *arrays, out.view(-1).numpy(), fmt.nbits, fmt.es, *flags)
     return out if device.type == "cpu" else out.to(device)
 
 
@@ -53,7 +70,7 @@ def round_stochastic(x: torch.Tensor, rand: torch.Tensor, fmt: Posit, underflow:
 
 def encode(x: torch.Tensor, fmt: Posit) -> tuple[torch.Tensor, int]:
     out = torch.empty(x.shape, dtype=fmt.storage_dtype)
-    bad = rk.encode(_host_flat(x), out.view(-1).numpy(), fmt.nbits, fmt.es)
+    bad = _call(rk.encode, out.numel(), _host_flat(x), out.view(-1).numpy(), fmt.nbits, fmt.es)
     return out.to(x.device), int(bad)
 
 

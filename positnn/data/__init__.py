@@ -34,6 +34,8 @@ from .loading import load_dataset as load_dataset
 from .locate import cache_dir as cache_dir
 from .locate import candidate_dirs as candidate_dirs
 from .locate import find_dataset_dir as find_dataset_dir
+from .text import CharCorpus as CharCorpus
+from .text import load_text as load_text
 
 __all__ = [
     "NORMALISATION",
@@ -52,4 +54,6 @@ __all__ = [
     "load_dataset",
     "cache_dir",
     "fetch",
+    "CharCorpus",
+    "load_text",
 ]

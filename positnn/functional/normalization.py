@@ -19,7 +19,10 @@ def _channels_first(x: torch.Tensor) -> torch.Tensor:
 
 def _from_channels_first(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     n, c = shape[0], shape[1]
-    return t.reshape(c, n, *shape[2:]).transpose(0, 1).contiguous()
+    out = t.reshape(c, n, *shape[2:]).transpose(0, 1)
+    # Never a view of t: an autograd output that is a view cannot be modified in place
+    # (torchvision's ResNet does `out += identity`), and contiguous() keeps one at N or C = 1.
+    return out.clone() if out.is_contiguous() else out.contiguous()
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, S: Stage) -> torch.Tensor:
