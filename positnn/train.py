@@ -30,12 +30,13 @@ from tqdm.auto import tqdm
 from . import __version__, stats
 from . import nn as pnn
 from .convert import convert
-from .data import NUM_CLASSES, canonical_name, load_dataset
+from .data import INPUT_SHAPE, NUM_CLASSES, canonical_name, load_dataset
 from .models import build_model
 from .optim import SGD
 from .policy import STAGES, Policy
 
 CHECKPOINT = "checkpoint.pt"
+IMAGE_MODELS = ("lenet5", "cifarnet", "mlp", "resnet20")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "test_loss", "top1", "topk", "k", "nar", "saturation", "seconds")
 
 
@@ -97,6 +98,9 @@ class TrainConfig:
             raise ValueError(f"momentum must be a finite number >= 0, got {self.momentum}")
         if not (math.isfinite(self.lr_gamma) and 0 < self.lr_gamma <= 1):
             raise ValueError(f"lr_gamma must be a finite number in (0, 1], got {self.lr_gamma}")
+        if self.model.lower().replace("-", "").replace("_", "") not in IMAGE_MODELS:
+            raise ValueError(f"model {self.model!r} is not an image model; choose one of {', '.join(IMAGE_MODELS)} "
+                             f"(the character GPT trains with --model gpt --dataset tinyshakespeare)")
         self.resolved_policy()  # fail early, naming the bad part
 
     @classmethod
@@ -162,6 +166,16 @@ def _subset(ds, n: int | None):
     return torch.utils.data.TensorDataset(*(t[:n] for t in ds.tensors))
 
 
+def _image_model(config: TrainConfig) -> nn.Module:
+    """The seeded float model of an image run, shaped for its data set's input."""
+    canon = canonical_name(config.dataset)
+    channels, h, w = INPUT_SHAPE[canon]
+    extra = {"lenet5": {"in_channels": channels}, "resnet20": {"in_channels": channels},
+             "mlp": {"in_features": channels * h * w}}.get(config.model.lower(), {})
+    torch.manual_seed(config.seed)
+    return build_model(config.model, num_classes=NUM_CLASSES[canon], **extra)
+
+
 def build(config: TrainConfig) -> Run:
     """Data, model (seeded float initialisation, then converted by the policy), loss,
     optimizer and the step learning-rate schedule of a run."""
@@ -172,8 +186,7 @@ def build(config: TrainConfig) -> Run:
         numba.set_num_threads(min(config.threads, numba.config.NUMBA_NUM_THREADS))
     train_set = _subset(load_dataset(config.dataset, "train", config.data_dir), config.subset)
     test_set = _subset(load_dataset(config.dataset, "test", config.data_dir), config.subset)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
+    model = _image_model(config)
     policy = config.resolved_policy()
     if is_float(policy):
         loss_fn = lambda logits, y: F.nll_loss(F.log_softmax(logits, dim=1), y)  # noqa: E731
@@ -391,8 +404,7 @@ def _load_state(run: Run, ckpt: dict) -> None:
 def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, TrainConfig]:
     """The trained model of a checkpoint, and its config."""
     config, ckpt = read_checkpoint(checkpoint)
-    torch.manual_seed(config.seed)
-    model = build_model(config.model, num_classes=NUM_CLASSES[canonical_name(config.dataset)])
+    model = _image_model(config)
     policy = config.resolved_policy()
     if not is_float(policy):
         model = convert(model, policy)

@@ -115,3 +115,14 @@ def test_resume_from_the_command_line_keeps_the_runs_config(tmp_path):
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
     rows = (out / "metrics.csv").read_text().splitlines()
     assert len(rows) == 3
+
+
+def test_resnet20_trains_on_grayscale_images_and_gpt_is_refused_as_an_image_model(tmp_path, capsys):
+    out = tmp_path / "rn"
+    code = main(["train", "--model", "resnet20", "--dataset", "mnist", "--data-dir", str(MNIST), "--subset", "64",
+                 "--epochs", "1", "--test-batch-size", "64", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert code == 0
+    model, cfg = load_model(out / "checkpoint.pt")
+    assert cfg.model == "resnet20" and model.conv1.in_channels == 1
+    assert main(["train", "--model", "gpt", "--dataset", "mnist", "--out", str(tmp_path / "g")]) == 2
+    assert "tinyshakespeare" in capsys.readouterr().err
