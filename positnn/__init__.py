@@ -15,8 +15,9 @@ from . import optim as optim  # noqa: E402
 from . import quire as quire  # noqa: E402
 from . import stats as stats  # noqa: E402
 from .convert import convert as convert  # noqa: E402
+from .floatformat import Float as Float  # noqa: E402
 from .format import Posit as Posit  # noqa: E402
 from .policy import LayerPolicy as LayerPolicy  # noqa: E402
 from .policy import Policy as Policy  # noqa: E402
 
-__all__ = ["LayerPolicy", "Policy", "Posit", "convert", "functional", "nn", "optim", "quire", "stats"]
+__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "convert", "functional", "nn", "optim", "quire", "stats"]

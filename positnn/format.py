@@ -103,6 +103,11 @@ class Posit:
         return torch.int8 if self.nbits <= 8 else torch.int16 if self.nbits <= 16 else torch.int32
 
     @property
+    def _kernel_params(self) -> tuple:
+        """The format as the kernels take it (``_launch`` is shared with ``Float``)."""
+        return (self.nbits, self.es)
+
+    @property
     def quire_bits(self) -> int:
         """Quire width: 16n (Posit Standard 2022) for es = 2, else Universal's
         2**es * (4n - 8) product range plus 30 carry bits and a sign bit."""
@@ -269,7 +274,7 @@ def _host_flat(t: torch.Tensor, float64: bool = False):
     return t.contiguous().view(-1).numpy()
 
 
-def _launch(kernel, fmt: Posit, operands, underflow: bool = False, *, cast_inputs: bool = True, pass_underflow: bool = True) -> torch.Tensor:
+def _launch(kernel, fmt, operands, underflow: bool = False, *, cast_inputs: bool = True, pass_underflow: bool = True) -> torch.Tensor:
     """Broadcast the operands, run ``kernel`` over them into a new ``fmt.dtype`` tensor."""
     tensors = [_as_tensor(t) if cast_inputs else t for t in operands]
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
@@ -277,6 +282,6 @@ def _launch(kernel, fmt: Posit, operands, underflow: bool = False, *, cast_input
         tensors = torch.broadcast_tensors(*tensors)
     arrays = [_host_flat(t, float64=cast_inputs) for t in tensors]
     out = torch.empty(tensors[0].shape, dtype=fmt.dtype)
-    args = (*arrays, out.view(-1).numpy(), fmt.nbits, fmt.es)
+    args = (*arrays, out.view(-1).numpy(), *fmt._kernel_params)
     kernel(*args, underflow) if pass_underflow else kernel(*args)
     return out if device.type == "cpu" else out.to(device)
