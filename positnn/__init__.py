@@ -1,7 +1,8 @@
 """positnn: deep learning in simulated posit arithmetic, on PyTorch.
 
 Layers, each importing only those before it: ``format`` (the Posit format: rounding, bit
-patterns, correctly rounded ops, on the fused numba loops of ``kernels``) -> ``quire``
+patterns, correctly rounded ops, on the fused numba loops of ``kernels``) -> ``floatformat``
+(the Float formats, fp8 to fp32, with the same interface) -> ``quire``
 (exact dot products, matmul, conv) -> ``policy`` (the five stages) -> ``functional``
 (autograd ops) -> ``nn``, ``optim``, ``convert`` -> ``data``, ``models``, ``train`` ->
 ``cli``. Nothing imports ``cli``.

@@ -275,7 +275,8 @@ def _host_flat(t: torch.Tensor, float64: bool = False):
 
 
 def _launch(kernel, fmt, operands, underflow: bool = False, *, cast_inputs: bool = True, pass_underflow: bool = True) -> torch.Tensor:
-    """Broadcast the operands, run ``kernel`` over them into a new ``fmt.dtype`` tensor."""
+    """Broadcast the operands, run ``kernel`` over them into a new ``fmt.dtype`` tensor
+    (``fmt``: a ``Posit`` or a ``Float``, whose ``_kernel_params`` the kernel takes)."""
     tensors = [_as_tensor(t) if cast_inputs else t for t in operands]
     device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
     if len(tensors) > 1:

@@ -16,6 +16,7 @@ taken from the library under test.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -185,10 +186,11 @@ def _special(name: str, *args: float) -> float:
     raise ValueError(name)
 
 
-def all_values(s: Spec) -> list[float]:
+@functools.lru_cache(maxsize=None)
+def all_values(s: Spec) -> tuple[float, ...]:
     """Every finite value, sorted, without duplicate zeros (small formats only)."""
     vals = {decode(p, s) for p in range(1 << s.nbits)}
-    return sorted(v for v in vals if math.isfinite(v))
+    return tuple(sorted(v for v in vals if math.isfinite(v)))
 
 
 def round_by_search(x: Fraction, s: Spec) -> float:
