@@ -279,6 +279,23 @@ class Float:
         """|a| (exact for format values; other inputs are rounded)."""
         return self.round(_as_tensor(a).abs())
 
+    # Faithful, not correctly rounded: evaluated in float64, then rounded once (as Posit's).
+    def exp(self, a: TensorLike) -> torch.Tensor:
+        """exp(a) evaluated in float64, then rounded: faithful, not correctly rounded."""
+        return self.round(torch.exp(_as_tensor(a).double()))
+
+    def log(self, a: TensorLike) -> torch.Tensor:
+        """log(a) evaluated in float64, then rounded (log(0) = -inf, log(-1) = NaN): faithful."""
+        return self.round(torch.log(_as_tensor(a).double()))
+
+    def sigmoid(self, a: TensorLike) -> torch.Tensor:
+        """sigmoid(a) evaluated in float64, then rounded: faithful."""
+        return self.round(torch.sigmoid(_as_tensor(a).double()))
+
+    def tanh(self, a: TensorLike) -> torch.Tensor:
+        """tanh(a) evaluated in float64, then rounded: faithful."""
+        return self.round(torch.tanh(_as_tensor(a).double()))
+
 
 PRESETS: dict[str, Float] = {
     "fp8e4m3": Float(4, 3, specials="fn"),

@@ -445,3 +445,17 @@ def test_ieee_special_cases():
     assert_same(f.neg(f64([1.0, -0.0])), f64([-1.0, 0.0]))
     assert_same(f.abs(f64([-2.0, -0.0])), f64([2.0, 0.0]))
     assert f.add(torch.ones(3, 1), torch.ones(4)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("fn", ["exp", "log", "sigmoid", "tanh"])
+def test_faithful_functions(fn):
+    """Within one ulp of the function (float64's value stands in for it); IEEE's specials."""
+    f = Float.parse("bf16")
+    x = f.round(torch.randn(2000, dtype=torch.float64) * 4).double()
+    x = x.abs() if fn == "log" else x
+    got = getattr(f, fn)(x).double()
+    exact = getattr(torch, fn)(x)
+    assert ((got - exact).abs() <= f.eps * exact.abs().clamp_min(f.min_normal)).all()
+    assert_same(f.log(f64([0.0, -1.0, INF])), f64([-INF, NAN, INF]))
+    assert_same(f.exp(f64([-INF, -1000.0, 1000.0])), f64([0.0, 0.0, INF]))
+    assert_same(Float.parse("fp8e4m3").exp(f64([10.0])), f64([448.0]))
