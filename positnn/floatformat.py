@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 import re
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 
 import torch
 
@@ -56,6 +56,7 @@ class Float:
 
     exp_bits: int
     man_bits: int
+    _: KW_ONLY
     subnormals: bool = True
     specials: str = "ieee"
     overflow: str | None = None

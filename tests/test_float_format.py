@@ -112,6 +112,8 @@ def test_repr_str_parse_forms():
     assert Float.parse("float(5, 10)") == Float.parse("e5m10") == Float.parse("fp16") == Float(5, 10)
     assert Float(np.int64(5), 2) == Float(5, 2) and type(Float(np.int64(5), 2).exp_bits) is int
     assert Float(4, 3, specials="fn") == Float(4, 3, specials="fn", overflow="saturate")
+    with pytest.raises(TypeError):
+        Float(4, 3, False)  # the options are keyword-only
     assert Float(5, 2).minpos == 2.0**-16 and Float(5, 2, subnormals=False).minpos == 2.0**-14
     assert Float(9, 30).dtype == torch.float64 and Float(8, 23, specials="fn").dtype == torch.float64
     assert Float(5, 10, subnormals=False).storage_dtype == torch.int16 and Float(9, 30).storage_dtype == torch.int64
