@@ -1,4 +1,4 @@
-"""Throughput of Posit.round on 16M-element tensors, next to tensor.clone() of the same
+"""Throughput of Posit.round and Float.round on 16M-element tensors, next to tensor.clone() of the same
 tensor in the same run (timings here are noisy: compare the ratio, not the absolute)."""
 
 import argparse
@@ -8,9 +8,10 @@ import time
 import numba
 import torch
 
-from positnn import Posit
+from positnn import Float, Posit
 
 FORMATS = [Posit(8, 0), Posit(8, 1), Posit(8, 2), Posit(16, 1), Posit(16, 2), Posit(32, 2)]
+FORMATS += [Float.parse(name) for name in ("fp8e4m3", "fp8e5m2", "fp16", "bf16", "fp32")] + [Float(10, 51)]
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -2,7 +2,8 @@
 
 Layers, each importing only those before it: ``kernels`` (the numba loops) ->
 ``backends`` (who runs the element-wise loops of a device; numba on the CPU) -> ``format``
-(the Posit format: rounding, bit patterns, correctly rounded ops) -> ``quire`` (exact dot
+(the Posit format: rounding, bit patterns, correctly rounded ops) and ``floatformat`` (the
+Float formats, fp8 to fp32, with the same interface) -> ``quire`` (exact dot
 products, matmul, conv), ``rounding`` (bare-format helpers), ``stats`` (NaR counters) and
 ``reduction`` (the gradient scale a loss announces) -> ``policy`` (the five stages, per
 layer) -> ``stage`` (one stage's numerics as a value) -> ``functional`` (the autograd ops of
@@ -21,8 +22,9 @@ from . import quire as quire  # noqa: E402
 from . import stats as stats  # noqa: E402
 from .backends import backend as backend  # noqa: E402
 from .convert import convert as convert  # noqa: E402
+from .floatformat import Float as Float  # noqa: E402
 from .format import Posit as Posit  # noqa: E402
 from .policy import LayerPolicy as LayerPolicy  # noqa: E402
 from .policy import Policy as Policy  # noqa: E402
 
-__all__ = ["LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "functional", "nn", "optim", "quire", "stats"]
+__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "functional", "nn", "optim", "quire", "stats"]

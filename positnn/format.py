@@ -116,6 +116,11 @@ class Posit:
         return torch.int8 if self.nbits <= 8 else torch.int16 if self.nbits <= 16 else torch.int32
 
     @property
+    def _kernel_params(self) -> tuple:
+        """The format as the kernels take it (``_launch`` is shared with ``Float``)."""
+        return (self.nbits, self.es)
+
+    @property
     def quire_bits(self) -> int:
         """Quire width: 16n (Posit Standard 2022) for es = 2, else Universal's
         2**es * (4n - 8) product range plus 30 carry bits and a sign bit."""

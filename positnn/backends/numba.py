@@ -56,8 +56,17 @@ def _run(kernel, tensors: tuple[torch.Tensor, ...], fmt: Posit, device: torch.de
     """``kernel(*operands, out, nbits, es, *flags)`` into a new ``fmt.dtype`` tensor on ``device``."""
     arrays = [_host_flat(t, float64=float64) for t in tensors]
     out = torch.empty(tensors[0].shape, dtype=fmt.dtype)
-    _call(kernel, out.numel(), *arrays, out.view(-1).numpy(), fmt.nbits, fmt.es, *flags)
+    _call(kernel, out.numel(), *arrays, out.view(-1).numpy(), *fmt._kernel_params, *flags)
     return out if device.type == "cpu" else out.to(device)
+
+
+def launch(kernel, fmt, operands: tuple[torch.Tensor, ...], *flags: bool, float64: bool = True) -> torch.Tensor:
+    """Any element-wise kernel of a format (``fmt._kernel_params`` after the output) over
+    the broadcast operands, on the device of the first operand that is not a scalar."""
+    device = next((t.device for t in operands if t.dim() > 0), operands[0].device)
+    if len(operands) > 1:
+        operands = tuple(torch.broadcast_tensors(*operands))
+    return _run(kernel, operands, fmt, device, *flags, float64=float64)
 
 
 def round_nearest(x: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor:

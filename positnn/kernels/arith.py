@@ -56,6 +56,35 @@ def _product(a, b):
     return p, e
 
 
+@njit(inline="always")
+def quotient(x, y):
+    """x / y as (q, t): q faithful, t with the sign of x/y - q; clamped like ``_product``.
+    y == 0 is left to the caller (q is then inf or NaN)."""
+    q = x / y
+    r = fma(-q, y, x)  # exact remainder: sign(x/y - q) = sign(r) * sign(y)
+    t = r if y > 0 else -r
+    big = math.isinf(q) & ~math.isinf(x)
+    under = (abs(q) < TINY) & (x != 0) & ~math.isinf(y)
+    sgn = -1.0 if (x < 0) != (y < 0) else 1.0
+    t = 0.0 if (big | under) else t
+    q = sgn * DBL_MAX if big else (sgn * TINY if under else q)
+    return q, t
+
+
+@njit(inline="always")
+def fma_parts(a, b, c):
+    """a * b + c as (h, rest): the exact value p + e + c renormalised to h + (r + t_err),
+    h faithful and rest with the sign of the remainder; h = 0 only for an exact zero."""
+    p, e = _product(a, b)
+    s, u = two_sum(p, c)
+    t, t_err = two_sum(u, e)
+    h, r = two_sum(s, t)
+    rest = r + t_err  # only its sign is used
+    h2 = rest if h == 0 else h
+    rest = 0.0 if h == 0 else rest
+    return h2, rest
+
+
 @njit(parallel=True, cache=True)
 def add(a, b, out, n, es, underflow):
     for i in prange(out.size):
@@ -75,14 +104,7 @@ def div(a, b, out, n, es, underflow):
     for i in prange(out.size):
         x = np.float64(a[i])
         y = np.float64(b[i])
-        q = x / y
-        r = fma(-q, y, x)  # exact remainder: sign(x/y - q) = sign(r) * sign(y)
-        t = r if y > 0 else -r
-        big = math.isinf(q) & ~math.isinf(x)
-        under = (abs(q) < TINY) & (x != 0) & ~math.isinf(y)
-        sgn = -1.0 if (x < 0) != (y < 0) else 1.0
-        t = 0.0 if (big | under) else t
-        q = sgn * DBL_MAX if big else (sgn * TINY if under else q)
+        q, t = quotient(x, y)
         q = np.nan if y == 0 else q
         out[i] = round_value(q, t, n, es, underflow)
 
@@ -100,11 +122,5 @@ def sqrt(a, out, n, es, underflow):
 def fused_multiply_add(a, b, c, out, n, es, underflow):
     """round(a*b + c): the exact value is p + e + c, renormalised to h + (r + t_err)."""
     for i in prange(out.size):
-        p, e = _product(np.float64(a[i]), np.float64(b[i]))
-        s, u = two_sum(p, np.float64(c[i]))
-        t, t_err = two_sum(u, e)
-        h, r = two_sum(s, t)
-        rest = r + t_err  # only its sign is used
-        h2 = rest if h == 0 else h
-        rest = 0.0 if h == 0 else rest
-        out[i] = round_value(h2, rest, n, es, underflow)
+        h, rest = fma_parts(np.float64(a[i]), np.float64(b[i]), np.float64(c[i]))
+        out[i] = round_value(h, rest, n, es, underflow)
