@@ -7,7 +7,8 @@ PositNN's own autograd functions, bit for bit as the paper's layers. Everything 
 (containers, LayerNorm, Embedding, attention, arithmetic in a custom ``forward``, ...) is
 kept and runs under the any-model engine (``positnn.engine``): each op in the stage of
 its module path, model inputs rounded to the F format of the first op that uses them.
-With an all-float32 policy the model is torch's own, unchanged.
+A layer whose stages are all float32 stays torch's own module, so an all-float32 policy
+gives torch's model, bit for bit.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
                          f"materialise it first, e.g. model.to_empty(device='cpu') and initialise its weights")
     if not inplace:
         model = copy.deepcopy(model)
-    if type(model) in SUPPORTED:
+    if type(model) in SUPPORTED and not policy.for_layer("").is_float:
         new = SUPPORTED[type(model)].from_float(model, policy.for_layer(""), "")
         return _with_engine(new.train(model.training), policy)
     tied = _tied_parameters(model)
@@ -70,8 +71,8 @@ def convert(model: nn.Module, policy: Any = None, inplace: bool = False) -> nn.M
     converted: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         for child_name, child in list(module._modules.items()):  # named_children() skips repeats
-            if type(child) in SUPPORTED or id(child) in converted:
-                path = f"{name}.{child_name}" if name else child_name
+            path = f"{name}.{child_name}" if name else child_name
+            if (type(child) in SUPPORTED and not policy.for_layer(path).is_float) or id(child) in converted:
                 if id(child) not in converted:
                     new = SUPPORTED[type(child)].from_float(child, policy.for_layer(path), path)
                     converted[id(child)] = new.train(child.training)
