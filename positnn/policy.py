@@ -42,6 +42,7 @@ STAGE_LETTERS = {"F": "forward", "B": "backward", "G": "gradient", "O": "optimiz
 QUIRE_MODES = ("exact", "none", "float32", "float64")
 GRAD_REDUCTIONS = ("positnn", "mean")
 ON_NAR = ("raise", "report")
+UNSUPPORTED_OPS = ("raise", "float")
 FLOAT_NAMES = ("float32", "fp32", "float", "none")
 # Keys a per-layer override may set: the numerics, not the training-loop behaviour.
 LAYER_KEYS = STAGES + ("quire", "underflow", "rounding")
@@ -120,7 +121,9 @@ class Policy:
     the default (None) picks "positnn" when any stage is a posit and "mean" otherwise.
     ``loss_scale`` is a static factor for the loss gradient, divided out again in the
     weight gradients. ``on_nar`` says whether a NaR loss raises FloatingPointError or is
-    only counted.
+    only counted. ``unsupported_ops`` says what the any-model engine does with an op that
+    has no posit semantics: "raise" (the default) an error naming it, or "float": run it in
+    float32 and count it (``positnn.stats.float_ops(model)``).
     """
 
     forward: Format = None
@@ -135,6 +138,7 @@ class Policy:
     grad_reduction: str | None = None
     loss_scale: float = 1.0
     on_nar: str = "raise"
+    unsupported_ops: str = "raise"
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
@@ -143,6 +147,7 @@ class Policy:
         _choice(self.quire, QUIRE_MODES, "quire")
         _choice(self.rounding, ROUNDING_MODES, "rounding")
         _choice(self.on_nar, ON_NAR, "on_nar")
+        _choice(self.unsupported_ops, UNSUPPORTED_OPS, "unsupported_ops")
         if not isinstance(self.underflow, bool):
             raise ValueError(f"underflow must be a bool, got {self.underflow!r}")
         if self.grad_reduction is None:

@@ -89,8 +89,18 @@ def total(model: nn.Module) -> dict[str, int]:
     return sums
 
 
+def float_ops(model: nn.Module) -> dict[str, int]:
+    """How often each op without posit semantics ran in float32 in ``model`` (only under a
+    policy with ``unsupported_ops="float"``; otherwise such an op raises)."""
+    engine = getattr(model, "posit_engine", None)
+    return dict(engine.float_ops) if engine is not None else {}
+
+
 def reset(model: nn.Module) -> None:
-    """Clear the counters of every posit module in ``model``."""
+    """Clear the counters of every posit module in ``model`` (and its float-op counts)."""
+    engine = getattr(model, "posit_engine", None)
+    if engine is not None:
+        engine.float_ops.clear()
     for module in model.modules():
         stats = getattr(module, "posit_stats", None)
         if isinstance(stats, LayerStats):

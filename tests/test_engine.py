@@ -743,6 +743,20 @@ def test_unsupported_op_raises_naming_op_and_module():
     assert is_posit(y, P8)
 
 
+def test_policy_can_let_unsupported_ops_run_in_float_and_counts_them():
+    from positnn import stats
+
+    policy = Policy.from_dict({"recipe": "posit8q", "unsupported_ops": "float"})
+    model = convert(Outer(), policy)
+    model(torch.randn(2, 4)).sum().backward()
+    counts = stats.float_ops(model)
+    assert counts and all(n >= 1 for n in counts.values()) and any("fft" in op for op in counts)
+    stats.reset(model)
+    assert stats.float_ops(model) == {}
+    with pytest.raises(ValueError, match="unsupported_ops"):
+        Policy(unsupported_ops="ignore")
+
+
 # =========================================================================== 6. coverage
 def test_resnet_block_trains_two_steps_in_posits():
     model = convert(ResBlockNet(), "posit8-O16-L16q")

@@ -60,11 +60,11 @@ class _GradToO:
             p.grad.copy_(self.fmt.round(p.grad, underflow=self.underflow))
 
 
-def attach(model: nn.Module, policy: Policy, unsupported: str = "raise") -> Engine:
+def attach(model: nn.Module, policy: Policy) -> Engine:
     """Make ``model`` (already converted layer by layer) run every other op in posits."""
     from ..nn import PositModule
 
-    engine = Engine(policy, unsupported)
+    engine = Engine(policy, policy.unsupported_ops)
     owned: set[int] = set()
     for path, module in model.named_modules():
         is_posit = isinstance(module, PositModule)

@@ -63,7 +63,8 @@ class StageDispatch(TorchDispatchMode):
             return func(*args, **kwargs)
         raise UnsupportedOpError(
             f"{func} has no posit semantics (it ran in module {self.path or '<root>'!r}, stage {self.stage.fmt}); "
-            f"let such ops run in float32 and be counted with Policy(unsupported_ops='float')")
+            f"let such ops run in float32, counted in positnn.stats.float_ops(model), with "
+            f"Policy(unsupported_ops='float')")
 
 
 def _dispatch(stage: Stage, path: str, engine: "Engine"):
@@ -144,7 +145,7 @@ class _StagedOp(torch.autograd.Function):
         call.out_flat = out_flat
         ctx.call, ctx.inputs = call, inputs
         ctx.is_param = [isinstance(t, nn.Parameter) for t in tensors]
-        ctx.mark_non_differentiable(*[r for r in results if not r.dtype.is_floating_point])
+        ctx.mark_non_differentiable(*[r for r in results if not (r.dtype.is_floating_point or r.dtype.is_complex)])
         return tuple(results)
 
     @staticmethod
