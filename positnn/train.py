@@ -40,6 +40,25 @@ IMAGE_MODELS = ("lenet5", "cifarnet", "mlp", "resnet20")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "test_loss", "top1", "topk", "k", "nar", "saturation", "seconds")
 
 
+def check_field_types(config: Any) -> None:
+    """Check each field of a config dataclass against its annotation (int, float, str or
+    dict, optionally ``| None``), naming the field; ints become floats in float fields."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        kind, _, optional = str(f.type).partition(" | ")
+        if value is None and optional:
+            continue
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
+        if not ok:
+            allowed = {"int": "an integer", "float": "a number", "str": "a string", "dict": "a dict"}[kind]
+            raise ValueError(f"{f.name} must be {allowed}{' or None' if optional else ''}, "
+                             f"got {value!r} ({type(value).__name__})")
+        if kind == "float":
+            setattr(config, f.name, float(value))
+
+
 @dataclass
 class TrainConfig:
     """One training run; the defaults are the paper's recipe (LeNet-5, Fashion-MNIST,
@@ -70,20 +89,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # The one place a config is checked, whether it comes from the CLI, a TOML file or a
         # checkpoint: types first (so a range check never meets a str), then ranges.
-        for f in fields(self):
-            value = getattr(self, f.name)
-            kind, _, optional = str(f.type).partition(" | ")
-            if value is None and optional:
-                continue
-            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
-                  "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-                  "str": isinstance(value, str), "dict": isinstance(value, dict)}[kind]
-            if not ok:
-                allowed = {"int": "an integer", "float": "a number", "str": "a string", "dict": "a dict"}[kind]
-                raise ValueError(f"{f.name} must be {allowed}{' or None' if optional else ''}, "
-                                 f"got {value!r} ({type(value).__name__})")
-            if kind == "float":
-                setattr(self, f.name, float(value))
+        check_field_types(self)
         for name in ("epochs", "batch_size", "test_batch_size", "lr_step", "topk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

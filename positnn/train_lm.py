@@ -30,7 +30,7 @@ from .convert import convert
 from .data.text import CharCorpus, load_text
 from .models import GPT
 from .policy import Policy
-from .train import _atomic_save, _versions
+from .train import _atomic_save, _versions, check_field_types
 
 LM_METRICS = ("iter", "lr", "train_loss", "val_loss", "seconds")
 LM_CHECKPOINT = "checkpoint.pt"
@@ -63,17 +63,10 @@ class LMConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for f in fields(self):
-            v = getattr(self, f.name)
-            kind = str(f.type).split(" ")[0]
-            if v is None and "None" in str(f.type):
-                continue
-            if kind == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-                raise ValueError(f"{f.name} must be an integer, got {v!r}")
-            if kind == "float":
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ValueError(f"{f.name} must be a finite number, got {v!r}")
-                setattr(self, f.name, float(v))
+            if f.type == "float" and not math.isfinite(getattr(self, f.name)):
+                raise ValueError(f"{f.name} must be a finite number, got {getattr(self, f.name)!r}")
         for name in ("max_iters", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "lr_decay_iters",
                      "eval_interval", "eval_iters"):
             if getattr(self, name) < 1:
