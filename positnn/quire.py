@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
-from .kernels import slicing
+from .kernels import lut, rounding, slicing
 
 MODES = ("exact", "none", "float32", "float64")
 # The largest limb magnitude a loaded quire state may hold: the sum of up to 2**28 quires'
@@ -183,6 +183,9 @@ def matmul(
     if mode == "exact":
         out = _exact_bmm(a3, b3, bias64, fmt, underflow)
     elif mode == "none":
+        out = _lut_bmm(a3, b3, bias64, fmt, underflow) if fmt.nbits <= 8 else None
+        if out is not None:
+            return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
         out = torch.empty((a3.shape[0], M, N), dtype=fmt.dtype)
         no_bias = torch.empty(0, dtype=torch.float64)
         acc.sequential_dot(
@@ -193,6 +196,34 @@ def matmul(
         out = _float_bmm(a3, b3, bias64, fmt, underflow, torch.float32 if mode == "float32" else torch.float64)
 
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
+
+
+def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+    """mode="none" for n <= 8 by table look-up on bit patterns (``kernels.lut``), or None
+    where that would not be bit-identical to ``acc.sequential_dot``: an operand that is not
+    a posit of ``fmt``, or a bias that rounds to -0 (the float path keeps that sign)."""
+    n, es = fmt.nbits, fmt.es
+    pats = []
+    for t in (a, b):
+        flat = t.contiguous().reshape(-1)
+        p = torch.empty(flat.shape, dtype=torch.uint8)
+        if lut.to_patterns(flat.numpy(), p.numpy(), n, es):
+            return None
+        pats.append(p.view(t.shape))
+    N = b.shape[-1]
+    acc0 = torch.zeros(N, dtype=torch.int64)
+    if bias is not None:
+        rb = torch.empty(N, dtype=torch.float64)
+        rounding.round_nearest(bias.contiguous().numpy(), rb.numpy(), n, es, underflow)
+        if bool(((rb == 0) & torch.signbit(rb)).any()):
+            return None
+        pb = torch.empty(N, dtype=torch.uint8)
+        lut.to_patterns(rb.numpy(), pb.numpy(), n, es)
+        acc0 = pb.to(torch.int64)
+    vals, mul, add = lut.tables(n, es, underflow)
+    out = torch.empty((a.shape[0], a.shape[1], N), dtype=fmt.dtype)
+    lut.lut_dot(pats[0].numpy(), pats[1].numpy(), acc0.numpy(), mul, add, vals, out.numpy(), n)
+    return out
 
 
 def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
