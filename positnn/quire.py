@@ -366,20 +366,66 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _native_exact(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
-    """Is a float64 torch op summing ``terms`` products of entries of a and b exact?
+# A sliced native convolution runs P * Q float64 convolutions; beyond this many the unfolded
+# GEMM with per-row slicing (narrower spans) is the better plan.
+MAX_NATIVE_SLICES = 6
 
-    It is when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole tensors: every
-    partial sum, in any order, is then a multiple of the smallest product unit below 2**53
-    of them. NaR makes this False (the slower path keeps NaR where it belongs).
+
+def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int) -> tuple[int, int, int, int, int, int] | None:
+    """How a float64 torch op summing ``terms`` products of entries of a and b is exact:
+    (P, Q, wa, wb, ta, tb), or None where it cannot be (the unfolded GEMM path then).
+
+    One op is exact when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole
+    tensors: every partial sum, in any order, is then a multiple of the smallest product
+    unit below 2**53 of them (P = Q = 1). Wider operands are cut, without error, into P
+    (Q) slices of wa (wb) bits below the tensor's top ta (tb), wa + wb + ceil(log2 terms)
+    <= 53, so each of the P * Q slice-pair ops is exact; their results are summed in limbs.
+    NaR gives None (the slower path keeps NaR where it belongs).
     """
     ta, la, bad_a = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
     tb, lb, bad_b = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
     if bad_a or bad_b:
-        return False
+        return None
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
-        return True  # an all-zero operand
-    return _products_fit(ta, la, tb, lb, terms) and (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1))) <= 53
+        return 1, 1, 0, 0, 0, 0  # an all-zero operand
+    if not _products_fit(ta, la, tb, lb, terms):
+        return None
+    budget = 53 - math.ceil(math.log2(max(terms, 1)))
+    sa, sb = ta - la, tb - lb
+    if sa + sb <= budget:
+        return 1, 1, sa, sb, ta, tb
+    if budget < 2 or min(la, lb) < -1022:  # slicing clears mantissa bits of normal floats
+        return None
+    wa, wb = _widths(sa, sb, budget, a.numel(), b.numel(), max(a.numel(), b.numel()))
+    P, Q = -(-sa // wa), -(-sb // wb)
+    return (P, Q, wa, wb, ta, tb) if P * Q <= MAX_NATIVE_SLICES else None
+
+
+def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.Tensor]:
+    """x as float64, or as ``count`` exact slices of w bits below 2**top summing to it."""
+    x64 = _host(x).double()
+    if count == 1:
+        return [x64]
+    out = torch.empty((count, x64.numel()), dtype=torch.float64)
+    slicing.split_flat(x64.reshape(-1).contiguous().numpy(), top, w, out.numpy())
+    return list(out.view(count, *x64.shape).unbind(0))
+
+
+def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """op(a, b) (a float64 torch convolution) exactly per ``plan``, plus a per-channel
+    bias, rounded once: (N, C, H, W) in ``fmt.dtype``."""
+    P, Q, wa, wb, ta, tb = plan
+    sa, sb = _native_slices(a, P, wa, ta), _native_slices(b, Q, wb, tb)
+    ys = [op(u, v) for u in sa for v in sb]
+    if len(ys) == 1:
+        return _round_exact(ys[0], fmt, underflow, bias)
+    y = torch.stack(ys)  # (T, N, C, H, W)
+    t, n, c = y.shape[:3]
+    g = y.reshape(t, n, c, -1).contiguous()
+    out = torch.empty(g.shape[1:], dtype=fmt.dtype)
+    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
+    acc.round_stack(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt.nbits, fmt.es, underflow)
+    return out.view(y.shape[1:])
 
 
 def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -408,8 +454,9 @@ def conv2d(
     """2-D convolution (as torch.nn.functional.conv2d) with one quire per output element.
 
     x is (N, C, H, W) and w is (O, C // groups, kh, kw). When the operands' spans make a
-    float64 convolution exact, torch computes it and the bias is added in the rounding;
-    otherwise it is a sliced GEMM over the unfolded input (K = C/groups * kh * kw).
+    float64 convolution exact, torch computes it and the bias is added in the rounding; a
+    little wider, torch convolves a few exact slices of them (``_native_plan``), summed in
+    limbs; otherwise it is a sliced GEMM over the unfolded input (K = C/groups * kh * kw).
     """
     _check_operand(x, "x")
     _check_operand(w, "w")
@@ -420,9 +467,10 @@ def conv2d(
     if c != cg * groups or o % groups:
         raise ValueError(f"conv2d channels do not match: input has {c}, weight expects {cg} x {groups} groups, {o} outputs")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if mode == "exact" and _native_exact(x, w, cg * kh * kw):
-        y = F.conv2d(_host(x).double(), _host(w).double(), None, stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow, bias).to(x.device)
+    plan = _native_plan(x, w, cg * kh * kw) if mode == "exact" else None
+    if plan is not None:
+        op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wout = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
@@ -454,9 +502,10 @@ def conv2d_input_grad(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c, h, wd = input_shape
     co, cg, kh, kw = w.shape
-    if mode == "exact" and _native_exact(grad, w, (co // groups) * kh * kw):
-        y = torch.nn.grad.conv2d_input(tuple(input_shape), _host(w).double(), _host(grad).double(), stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow).to(grad.device)
+    plan = _native_plan(grad, w, (co // groups) * kh * kw) if mode == "exact" else None
+    if plan is not None:
+        op = lambda u, v: torch.nn.grad.conv2d_input(tuple(input_shape), v, u, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, grad, w, plan, fmt, underflow).to(grad.device)
     # The output error dilated by the stride and padded, convolved with the rotated kernel.
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     d = grad
@@ -488,9 +537,10 @@ def conv2d_weight_grad(
     and output position (K = N * Hout * Wout), rounded once (not divided by N)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, co, ho, wo = grad.shape
-    if mode == "exact" and _native_exact(x, grad, n * ho * wo):
-        y = torch.nn.grad.conv2d_weight(_host(x).double(), tuple(weight_shape), _host(grad).double(), stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow).to(grad.device)
+    plan = _native_plan(x, grad, n * ho * wo) if mode == "exact" else None
+    if plan is not None:
+        op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kk, L)
     k = cols.shape[1] // groups

@@ -231,3 +231,47 @@ def sequential_dot(A, B, bias, out, n, es, underflow):
                 acc[j] = round_value(s, err, n, es, underflow)
         for j in range(N):
             out[b, i, j] = acc[j]
+
+
+@njit(parallel=True, cache=True)
+def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
+    """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
+    (the slice-pair results of a sliced convolution). The bias runs along the columns
+    (bias[j]), or along the rows with ``bias_on_rows``."""
+    T = G.shape[0]
+    nb, M, N = out.shape
+    has_bias = bias.size > 0
+    mants = np.empty((nb * M, T + 1), dtype=np.int64)
+    exps = np.empty((nb * M, T + 1), dtype=np.int64)
+    for bi in prange(nb * M):
+        b = bi // M
+        i = bi - b * M
+        limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+        for j in range(N):
+            finite = True
+            lsb = 1 << 30
+            top = -(1 << 30)
+            for t in range(T + 1):
+                if t < T:
+                    v = G[t, b, i, j]
+                else:
+                    v = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+                finite &= np.isfinite(v)
+                m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
+                mants[bi, t] = m
+                exps[bi, t] = ex
+                if m != 0:
+                    lsb = min(lsb, ex)
+                    top = max(top, ex + 53)
+            if not finite:
+                out[b, i, j] = np.nan
+                continue
+            if top < lsb:
+                out[b, i, j] = 0.0
+                continue
+            nl = (top - lsb + 16) // LIMB + 4
+            limbs[:nl] = 0
+            for t in range(T + 1):
+                if mants[bi, t] != 0:
+                    add_int(limbs, exps[bi, t] - lsb, mants[bi, t])
+            out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)
