@@ -241,6 +241,15 @@ def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
     T = G.shape[0]
     nb, M, N = out.shape
     has_bias = bias.size > 0
+    if T + has_bias == 2:  # two terms: TwoSum is exact, as in round_sum
+        for bi in prange(nb * M):
+            b = bi // M
+            i = bi - b * M
+            for j in range(N):
+                y = G[1, b, i, j] if T == 2 else ((bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0)
+                s, err = two_sum(G[0, b, i, j], y)
+                out[b, i, j] = round_value(s, err, n, es, underflow)
+        return
     mants = np.empty((nb * M, T + 1), dtype=np.int64)
     exps = np.empty((nb * M, T + 1), dtype=np.int64)
     for bi in prange(nb * M):
