@@ -198,32 +198,73 @@ def matmul(
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
 
 
+def _lut_patterns(t: torch.Tensor, fmt: Posit) -> torch.Tensor | None:
+    """t's values as unsigned n-bit patterns (uint8, t's shape), or None if any is not a
+    posit of ``fmt`` (NaN and +-inf are NaR; -0 is 0)."""
+    flat = _host(t).contiguous().reshape(-1)
+    p = torch.empty(flat.shape, dtype=torch.uint8)
+    if flat.dtype == torch.float32 and fmt.dtype == torch.float32:
+        keys, bits = lut.float32_keys(fmt.nbits, fmt.es)
+        bad = lut.f32_patterns(flat.view(torch.int32).numpy().view(np.uint32), keys, bits, p.numpy(), fmt.nbits)
+    else:
+        bad = lut.to_patterns(flat.numpy(), p.numpy(), fmt.nbits, fmt.es)
+    return None if bad else p.view(t.shape)
+
+
+def _lut_acc0(bias: torch.Tensor | None, N: int, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+    """The initial accumulator patterns: round(bias), or 0; None for a bias that rounds to
+    -0 (the float path keeps that sign, the patterns cannot)."""
+    if bias is None:
+        return torch.zeros(N, dtype=torch.int64)
+    rb = torch.empty(N, dtype=torch.float64)
+    rounding.round_nearest(_host(bias).double().reshape(N).contiguous().numpy(), rb.numpy(), fmt.nbits, fmt.es, underflow)
+    if bool(((rb == 0) & torch.signbit(rb)).any()):
+        return None
+    pb = torch.empty(N, dtype=torch.uint8)
+    lut.to_patterns(rb.numpy(), pb.numpy(), fmt.nbits, fmt.es)
+    return pb.to(torch.int64)
+
+
+def _lut_run(pa: torch.Tensor, pb: torch.Tensor, acc0: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor:
+    """Patterns pa (B, M, K) and pb (B, K, N), accumulators acc0 (B, N): (B, M, N) values."""
+    vals, mul, add = lut.tables(fmt.nbits, fmt.es, underflow)
+    out = torch.empty((pa.shape[0], pa.shape[1], pb.shape[2]), dtype=fmt.dtype)
+    lut.lut_dot(pa.contiguous().numpy(), pb.contiguous().numpy(), acc0.contiguous().numpy(), mul, add, vals, out.numpy(), fmt.nbits)
+    return out
+
+
 def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor | None:
     """mode="none" for n <= 8 by table look-up on bit patterns (``kernels.lut``), or None
     where that would not be bit-identical to ``acc.sequential_dot``: an operand that is not
     a posit of ``fmt``, or a bias that rounds to -0 (the float path keeps that sign)."""
-    n, es = fmt.nbits, fmt.es
-    pats = []
-    for t in (a, b):
-        flat = t.contiguous().reshape(-1)
-        p = torch.empty(flat.shape, dtype=torch.uint8)
-        if lut.to_patterns(flat.numpy(), p.numpy(), n, es):
-            return None
-        pats.append(p.view(t.shape))
-    N = b.shape[-1]
-    acc0 = torch.zeros(N, dtype=torch.int64)
-    if bias is not None:
-        rb = torch.empty(N, dtype=torch.float64)
-        rounding.round_nearest(bias.contiguous().numpy(), rb.numpy(), n, es, underflow)
-        if bool(((rb == 0) & torch.signbit(rb)).any()):
-            return None
-        pb = torch.empty(N, dtype=torch.uint8)
-        lut.to_patterns(rb.numpy(), pb.numpy(), n, es)
-        acc0 = pb.to(torch.int64)
-    vals, mul, add = lut.tables(n, es, underflow)
-    out = torch.empty((a.shape[0], a.shape[1], N), dtype=fmt.dtype)
-    lut.lut_dot(pats[0].numpy(), pats[1].numpy(), acc0.numpy(), mul, add, vals, out.numpy(), n)
-    return out
+    pa = _lut_patterns(a, fmt)
+    pb = None if pa is None else _lut_patterns(b, fmt)
+    acc0 = None if pb is None else _lut_acc0(bias, b.shape[-1], fmt, underflow)
+    if acc0 is None:
+        return None
+    return _lut_run(pa, pb, acc0.expand(a.shape[0], -1), fmt, underflow)
+
+
+def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:
+    """conv2d in mode "none" for n <= 8: the unfolded GEMM of ``conv2d`` on bit patterns
+    (unfolded as uint8, a quarter of the float32 traffic), or None where ``_lut_bmm`` would
+    refuse (then the float path runs, as before)."""
+    px = _lut_patterns(x, fmt)
+    pw = None if px is None else _lut_patterns(w, fmt)
+    o, cg, kh, kw = w.shape
+    acc0 = None if pw is None else _lut_acc0(bias, o, fmt, underflow)
+    if acc0 is None:
+        return None
+    n = x.shape[0]
+    (sh, sw), (ph, pw_), (dh, dw) = stride, padding, dilation
+    if ph or pw_:
+        px = F.pad(px, (pw_, pw_, ph, ph))
+    win = px.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (n, c, ho, wo, kh, kw)
+    ho, wo = win.shape[2], win.shape[3]
+    cols = win.reshape(n, groups, cg, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6).reshape(groups, n * ho * wo, cg * kh * kw)
+    wg = pw.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (groups, K, O/groups)
+    y = _lut_run(cols, wg, acc0.view(groups, o // groups), fmt, underflow)  # (groups, N*L, O/groups)
+    return y.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2).contiguous()
 
 
 def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -471,6 +512,10 @@ def conv2d(
     if plan is not None:
         op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
+    if mode == "none" and fmt.nbits <= 8:
+        y = _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow)
+        if y is not None:
+            return y.to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wout = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)

@@ -67,3 +67,41 @@ def test_lut_falls_back_on_non_posits():
     assert torch.equal(out, _float_kernel(a, b, None, fmt, False)[0])
     # A bias that rounds to -0 keeps its sign on the float path: no table then.
     assert quire._lut_bmm(b.transpose(1, 2), b, torch.tensor([-0.0], dtype=torch.float64), fmt, False) is None
+
+
+@pytest.mark.parametrize("n,es", [(8, 2), (8, 0), (6, 1)])
+def test_lut_conv_matches_float_kernel(n, es, monkeypatch):
+    fmt = Posit(n, es)
+    g = torch.Generator().manual_seed(n + es)
+    for (N, c, h, w), (o, kh), stride, pad, dil, groups in [
+        ((2, 3, 9, 8), (4, 3), 1, 1, 1, 1), ((3, 4, 11, 10), (6, 3), 2, 0, 1, 2), ((2, 2, 12, 12), (2, 2), (1, 2), 2, 2, 1),
+    ]:
+        x, k = _draw(fmt, (N, c, h, w), g), _draw(fmt, (o, c // groups, kh, kh), g)
+        b = _draw(fmt, (o,), g, zeros=0.0)
+        y = quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none")
+        d = _draw(fmt, tuple(y.shape), g)
+        got = [y, quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
+               quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
+               quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
+        monkeypatch.setattr(quire, "_lut_patterns", lambda *a: None)  # the float kernel everywhere
+        exp = [quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none"),
+               quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
+               quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
+               quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
+        monkeypatch.undo()
+        for gv, ev in zip(got, exp):
+            assert gv.shape == ev.shape and torch.equal(gv, ev), (n, es, stride, pad, dil, groups)
+
+
+def test_f32_patterns_agree_with_encode():
+    for n, es in [(8, 0), (8, 2), (8, 4), (5, 1)]:
+        fmt = Posit(n, es)
+        vals = fmt.values().float()
+        odd = torch.tensor([0.3, -0.0, float("inf"), -float("inf"), 1e-30, -1e-40, 3e38, float("nan")])
+        for x in (vals, torch.cat([vals, odd[:2]]), odd[2:4], odd[4:5], odd[5:6], odd[6:7]):
+            p = quire._lut_patterns(x, fmt)
+            q = torch.empty(x.numel(), dtype=torch.uint8)
+            bad = lut.to_patterns(x.double().numpy(), q.numpy(), n, es)
+            assert (p is None) == (bad > 0), (n, es, x)
+            if p is not None:
+                assert torch.equal(p, q)

@@ -38,6 +38,44 @@ def _build(vals, n, es, underflow, mul, add):
         add[i] = pats[S * S + i] & mask
 
 
+def float32_keys(n: int, es: int):
+    """(keys, bits): keys[u >> 16] is the pattern of the float32 whose bits are u, for every
+    posit of the format (and both zeros; NaR for every inf and NaN), and bits[p] the float32
+    bits of pattern p's value, to check that a looked-up value is that posit."""
+    key = ("f32", n, es)
+    if key not in _TABLES:
+        S = 1 << n
+        vals = np.empty(S, dtype=np.float64)
+        decode(np.arange(S, dtype=np.int64), vals, n, es)
+        bits = vals.astype(np.float32).view(np.uint32).copy()
+        keys = np.zeros(1 << 16, dtype=np.uint8)
+        keys[0x7F80:0x8000] = S >> 1  # +inf and NaNs
+        keys[0xFF80:] = S >> 1
+        for p in range(S):
+            if p != S >> 1:
+                keys[bits[p] >> 16] = p
+        keys[0x8000] = 0  # -0
+        _TABLES[key] = (keys, bits)
+    return _TABLES[key]
+
+
+@njit(parallel=True, cache=True)
+def f32_patterns(u, keys, bits, out, n):
+    """Patterns of float32 values given as their bits ``u`` (a flat uint32 array) by table
+    look-up; returns how many are not posits of the format (n <= 8: at most 5 fraction
+    bits, so the top 16 bits of a posit's float32 bits identify it)."""
+    nar = 1 << (n - 1)
+    bad = 0
+    for i in prange(u.size):
+        x = u[i]
+        p = keys[x >> 16]
+        nonfinite = (x & 0x7F800000) == 0x7F800000
+        ok = (bits[p] == x) | (x == 0x80000000) | nonfinite
+        bad += 0 if ok else 1
+        out[i] = p
+    return bad
+
+
 def tables(n: int, es: int, underflow: bool):
     """(values, mul, add): values[p] of every unsigned pattern (NaR: NaN), and the
     flattened product and sum tables, mul[p * 2**n + q] = pattern of round(v_p * v_q)."""
@@ -67,7 +105,7 @@ def to_patterns(x, out, n, es):
 
 @njit(parallel=True, cache=True)
 def lut_dot(A, B, acc0, mul, add, vals, out, n):
-    """out[b, i, j] = acc; acc = acc0[j]; acc = add[acc, mul[A[b,i,k], B[b,k,j]]] over k.
+    """out[b, i, j] = acc; acc = acc0[b, j]; acc = add[acc, mul[A[b,i,k], B[b,k,j]]] over k.
 
     A (nb, M, K) and B (nb, K, N) are unsigned patterns. A zero a_k leaves every acc as it
     is unless row k of B holds NaR (mul[0, q] = 0 and add[p, 0] = p otherwise).
@@ -91,7 +129,7 @@ def lut_dot(A, B, acc0, mul, add, vals, out, n):
         acc = np.empty(N, dtype=np.int64)
         for i in range(i0, min(i0 + CH, M)):
             for j in range(N):
-                acc[j] = acc0[j]
+                acc[j] = acc0[b, j]
             for k in range(K):
                 pa = np.int64(A[b, i, k])
                 if pa == 0 and not dirty[b, k]:
@@ -102,47 +140,3 @@ def lut_dot(A, B, acc0, mul, add, vals, out, n):
             for j in range(N):
                 out[b, i, j] = vals[acc[j]]
 
-
-@njit(parallel=True, cache=True)
-def lut_dot4(A, B, acc0, mul, add, vals, out, n):
-    """As lut_dot, four rows of A at a time (four independent chains per column)."""
-    nb, M, N = out.shape
-    K = A.shape[2]
-    S = 1 << n
-    nar = 1 << (n - 1)
-    dirty = np.zeros((nb, K), dtype=np.bool_)
-    for b in prange(nb):
-        for k in range(K):
-            d = False
-            for j in range(N):
-                d |= B[b, k, j] == nar
-            dirty[b, k] = d
-    blocks = -(-M // 4)
-    for c in prange(nb * blocks):
-        b = c // blocks
-        i0 = (c - b * blocks) * 4
-        acc = np.empty((4, N), dtype=np.int64)
-        for r in range(4):
-            for j in range(N):
-                acc[r, j] = acc0[j]
-        i1, i2, i3 = min(i0 + 1, M - 1), min(i0 + 2, M - 1), min(i0 + 3, M - 1)
-        for k in range(K):
-            p0 = np.int64(A[b, i0, k])
-            p1 = np.int64(A[b, i1, k])
-            p2 = np.int64(A[b, i2, k])
-            p3 = np.int64(A[b, i3, k])
-            if (p0 | p1 | p2 | p3) == 0 and not dirty[b, k]:
-                continue
-            p0 *= S
-            p1 *= S
-            p2 *= S
-            p3 *= S
-            for j in range(N):
-                q = np.int64(B[b, k, j])
-                acc[0, j] = add[acc[0, j] * S + mul[p0 + q]]
-                acc[1, j] = add[acc[1, j] * S + mul[p1 + q]]
-                acc[2, j] = add[acc[2, j] * S + mul[p2 + q]]
-                acc[3, j] = add[acc[3, j] * S + mul[p3 + q]]
-        for r in range(min(4, M - i0)):
-            for j in range(N):
-                out[b, i0 + r, j] = vals[acc[r, j]]
