@@ -245,6 +245,18 @@ def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: P
     return _lut_run(pa, pb, acc0.expand(a.shape[0], -1), fmt, underflow)
 
 
+def _pattern_cols(px, k, stride, padding, dilation, groups):
+    """Unfolded patterns (groups, N*L, C/groups*kh*kw), as torch's unfold orders them, and
+    the output size (ho, wo)."""
+    n, c, h, w = px.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = torch.empty((groups, n * ho * wo, c // groups * kh * kw), dtype=torch.uint8)
+    lut.pattern_cols(px.contiguous().numpy(), kh, kw, sh, sw, ph, pw, dh, dw, cols.numpy())
+    return cols, (ho, wo)
+
+
 def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:
     """conv2d in mode "none" for n <= 8: the unfolded GEMM of ``conv2d`` on bit patterns
     (unfolded as uint8, a quarter of the float32 traffic), or None where ``_lut_bmm`` would
@@ -255,13 +267,8 @@ def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -
     acc0 = None if pw is None else _lut_acc0(bias, o, fmt, underflow)
     if acc0 is None:
         return None
+    cols, (ho, wo) = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)
     n = x.shape[0]
-    (sh, sw), (ph, pw_), (dh, dw) = stride, padding, dilation
-    if ph or pw_:
-        px = F.pad(px, (pw_, pw_, ph, ph))
-    win = px.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)[..., ::dh, ::dw]  # (n, c, ho, wo, kh, kw)
-    ho, wo = win.shape[2], win.shape[3]
-    cols = win.reshape(n, groups, cg, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6).reshape(groups, n * ho * wo, cg * kh * kw)
     wg = pw.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (groups, K, O/groups)
     y = _lut_run(cols, wg, acc0.view(groups, o // groups), fmt, underflow)  # (groups, N*L, O/groups)
     return y.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2).contiguous()
@@ -587,6 +594,14 @@ def conv2d_weight_grad(
         op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
+    if mode == "none" and fmt.nbits <= 8:
+        px = _lut_patterns(x, fmt)
+        pd = None if px is None else _lut_patterns(grad, fmt)
+        if pd is not None:
+            cols, _ = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)  # (groups, N*L, K)
+            d3 = pd.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
+            zero = torch.zeros((groups, cols.shape[2]), dtype=torch.int64)
+            return _lut_run(d3, cols, zero, fmt, underflow).reshape(weight_shape).to(grad.device)
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kk, L)
     k = cols.shape[1] // groups
     cols = cols.reshape(n, groups, k, ho * wo).permute(1, 0, 3, 2).reshape(groups, n * ho * wo, k)

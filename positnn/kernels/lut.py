@@ -121,7 +121,7 @@ def lut_dot(A, B, acc0, mul, add, vals, out, n):
             for j in range(N):
                 d |= B[b, k, j] == nar
             dirty[b, k] = d
-    CH = 32
+    CH = 32 if M >= 1024 else 1  # few rows (weight gradients): one per task, for the threads
     chunks = -(-M // CH)
     for c in prange(nb * chunks):
         b = c // chunks
@@ -140,3 +140,28 @@ def lut_dot(A, B, acc0, mul, add, vals, out, n):
             for j in range(N):
                 out[b, i, j] = vals[acc[j]]
 
+
+
+@njit(parallel=True, cache=True)
+def pattern_cols(x, kh, kw, sh, sw, ph, pw, dh, dw, out):
+    """im2col on patterns: out[g, (i*ho + y)*wo + z, (c*kh + a)*kw + b] = x[i, g*cg + c,
+    y*sh + a*dh - ph, z*sw + b*dw - pw], 0 (the zero pattern) outside x; out is
+    (groups, n*ho*wo, cg*kh*kw), the column order of torch's unfold."""
+    n, C, H, W = x.shape
+    G, L, K = out.shape
+    cg = C // G
+    wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    for r in prange(n * ho):
+        i = r // ho
+        y = r - i * ho
+        for g in range(G):
+            for z in range(wo):
+                row = (i * ho + y) * wo + z
+                for c in range(cg):
+                    for a in range(kh):
+                        yy = y * sh + a * dh - ph
+                        for b in range(kw):
+                            zz = z * sw + b * dw - pw
+                            inside = (yy >= 0) & (yy < H) & (zz >= 0) & (zz < W)
+                            out[g, row, (c * kh + a) * kw + b] = x[i, g * cg + c, yy, zz] if inside else 0
