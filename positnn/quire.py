@@ -449,6 +449,13 @@ def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int) -> tuple[int, int
     return (P, Q, wa, wb, ta, tb) if P * Q <= MAX_NATIVE_SLICES else None
 
 
+def _whole_window(x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    """Does every kernel cover its whole input (a 1x1 output, no padding, one group)? The
+    convolution is then a plain GEMM, which BLAS does faster than torch's float64 conv."""
+    return (groups == 1 and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
+            and tuple(x_shape[2:]) == tuple(w_shape[2:]))
+
+
 def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.Tensor]:
     """x as float64, or as ``count`` exact slices of w bits below 2**top summing to it."""
     x64 = _host(x).double()
@@ -517,7 +524,10 @@ def conv2d(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     plan = _native_plan(x, w, cg * kh * kw) if mode == "exact" else None
     if plan is not None:
-        op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
+        if _whole_window(x.shape, w.shape, stride, padding, dilation, groups):
+            op = lambda u, v: (u.reshape(n, -1) @ v.reshape(o, -1).t()).view(n, o, 1, 1)  # noqa: E731
+        else:
+            op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
     if mode == "none" and fmt.nbits <= 8:
         y = _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow)
@@ -556,7 +566,10 @@ def conv2d_input_grad(
     co, cg, kh, kw = w.shape
     plan = _native_plan(grad, w, (co // groups) * kh * kw) if mode == "exact" else None
     if plan is not None:
-        op = lambda u, v: torch.nn.grad.conv2d_input(tuple(input_shape), v, u, stride, padding, dilation, groups)  # noqa: E731
+        if _whole_window(input_shape, w.shape, stride, padding, dilation, groups) and tuple(grad.shape[2:]) == (1, 1):
+            op = lambda u, v: (u.reshape(n, co) @ v.reshape(co, -1)).view(n, c, h, wd)  # noqa: E731
+        else:
+            op = lambda u, v: torch.nn.grad.conv2d_input(tuple(input_shape), v, u, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, grad, w, plan, fmt, underflow).to(grad.device)
     # The output error dilated by the stride and padded, convolved with the rotated kernel.
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -591,7 +604,10 @@ def conv2d_weight_grad(
     n, co, ho, wo = grad.shape
     plan = _native_plan(x, grad, n * ho * wo) if mode == "exact" else None
     if plan is not None:
-        op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
+        if _whole_window(x.shape, weight_shape, stride, padding, dilation, groups) and (ho, wo) == (1, 1):
+            op = lambda u, v: (v.reshape(n, co).t() @ u.reshape(n, -1)).view(tuple(weight_shape))  # noqa: E731
+        else:
+            op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
     if mode == "none" and fmt.nbits <= 8:

@@ -19,6 +19,7 @@ def test_sliced_native_conv_matches_unfolded(fmt, binades, monkeypatch):
     g = torch.Generator().manual_seed(binades + fmt.nbits)
     for (n, c, h, w), (o, kh), stride, pad, dil, groups in [
         ((2, 3, 9, 8), (4, 3), 1, 1, 1, 1), ((3, 4, 11, 10), (6, 3), 2, 0, 1, 2), ((2, 2, 12, 12), (2, 2), 1, 2, 2, 1),
+        ((3, 4, 5, 5), (6, 5), 1, 0, 1, 1), ((2, 3, 4, 4), (5, 4), 2, 0, 1, 1),  # whole-window: GEMMs
     ]:
         x = _wide((n, c, h, w), g, fmt, binades)
         k = _wide((o, c // groups, kh, kh), g, fmt, binades)
