@@ -1,6 +1,8 @@
 """Sliced native convolutions (quire._native_plan / _native_op) against the unfolded GEMM
 path, which the oracle suites check against Fraction and SoftPosit references."""
 
+import math
+
 import pytest
 import torch
 
@@ -51,3 +53,21 @@ def test_sliced_plan_is_used_for_wide_operands():
     assert plan is not None and plan[0] * plan[1] > 1
     y = quire.conv2d(x, k, None, fmt)
     assert y.item() == fmt.round(torch.tensor([2.0**30 + 2.0**-36], dtype=torch.float64)).item()
+
+
+def test_round_stack_fast_and_limb_paths():
+    from positnn.kernels import accumulate as acc
+
+    def run(terms, bias=None):
+        G = torch.tensor(terms, dtype=torch.float64).view(len(terms), 1, 1, 1)
+        out = torch.empty((1, 1, 1), dtype=torch.float64)
+        bv = torch.empty(0, dtype=torch.float64) if bias is None else torch.tensor([bias], dtype=torch.float64)
+        acc.round_stack(G.numpy(), bv.numpy(), True, out.numpy(), 8, 0, False)
+        return out.item()
+
+    # posit(8,0) near 1: spacing 2**-5, midpoint 1 + 2**-6 (a tie, to even: 1).
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)]) == 1.0  # TwoSum path
+    assert run([2.0**60, 1 + 2.0**-6, 2.0**-60, -(2.0**60)]) == 1 + 2.0**-5  # limbs: the 2**-60 breaks the tie
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=2.0**-60) == 1 + 2.0**-5
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=-(2.0**-60)) == 1.0
+    assert math.isnan(run([1.0, float("nan")]))

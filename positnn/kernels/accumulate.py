@@ -237,19 +237,11 @@ def sequential_dot(A, B, bias, out, n, es, underflow):
 def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
     """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
     (the slice-pair results of a sliced convolution). The bias runs along the columns
-    (bias[j]), or along the rows with ``bias_on_rows``."""
+    (bias[j]), or along the rows with ``bias_on_rows``. Terms are added by TwoSum while
+    the errors add up exactly (nearly always); otherwise in limbs."""
     T = G.shape[0]
     nb, M, N = out.shape
     has_bias = bias.size > 0
-    if T + has_bias == 2:  # two terms: TwoSum is exact, as in round_sum
-        for bi in prange(nb * M):
-            b = bi // M
-            i = bi - b * M
-            for j in range(N):
-                y = G[1, b, i, j] if T == 2 else ((bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0)
-                s, err = two_sum(G[0, b, i, j], y)
-                out[b, i, j] = round_value(s, err, n, es, underflow)
-        return
     mants = np.empty((nb * M, T + 1), dtype=np.int64)
     exps = np.empty((nb * M, T + 1), dtype=np.int64)
     for bi in prange(nb * M):
@@ -257,6 +249,21 @@ def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
         i = bi - b * M
         limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
         for j in range(N):
+            # Fast path: sum = s + err exactly while every addition of the TwoSum errors
+            # is itself exact (f == 0); then round s + err as round_sum does.
+            bv = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+            s = G[0, b, i, j]
+            err = 0.0
+            exact = True
+            for t in range(1, T + 1):
+                v = G[t, b, i, j] if t < T else bv
+                s, e = two_sum(s, v)
+                err, f = two_sum(err, e)
+                exact &= f == 0.0
+            if exact:
+                s, e = two_sum(s, err)
+                out[b, i, j] = round_value(s, e, n, es, underflow)
+                continue
             finite = True
             lsb = 1 << 30
             top = -(1 << 30)
