@@ -131,7 +131,9 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     G = torch.matmul(lhs, rhs.transpose(-1, -2))
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
     bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
-    if P == Q == 1:
+    if P == Q == 1 and bias is None:
+        acc.round_flat(G.reshape(-1).contiguous().numpy(), out.view(-1).numpy(), fmt.nbits, fmt.es, underflow)
+    elif P == Q == 1:
         acc.round_sum(G.numpy(), bias_v.numpy(), False, out.numpy(), fmt.nbits, fmt.es, underflow)
     else:
         acc.round_terms(G.numpy(), P, Q, bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
@@ -488,7 +490,10 @@ def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tenso
     n, c = y.shape[:2]
     g = y.reshape(n, c, -1).contiguous()
     out = torch.empty(g.shape, dtype=fmt.dtype)
-    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
+    if bias is None:
+        acc.round_flat(g.view(-1).numpy(), out.view(-1).numpy(), fmt.nbits, fmt.es, underflow)
+        return out.view(y.shape)
+    bias_v = _host(bias).double().reshape(c).contiguous()
     acc.round_sum(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt.nbits, fmt.es, underflow)
     return out.view(y.shape)
 

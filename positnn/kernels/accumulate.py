@@ -119,6 +119,15 @@ def round_sum(G, bias, bias_on_rows, out, n, es, underflow):
 
 
 @njit(parallel=True, cache=True)
+def round_flat(G, out, n, es, underflow):
+    """round_sum without a bias on flat arrays: the same TwoSum with 0 and rounding per
+    element, as one long loop (skinny GEMM results have rows of a few elements)."""
+    for i in prange(G.size):
+        s, err = two_sum(G[i], 0.0)
+        out[i] = round_value(s, err, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
 def round_terms(G, P, Q, bias, out, n, es, underflow):
     """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
 
