@@ -78,14 +78,17 @@ def slice_gemms(a: torch.Tensor, b: torch.Tensor) -> int:
     return max(1, -(-span_a // wa)) * max(1, -(-span_b // wb))
 
 
-def run(net: str, shapes, fmt: Posit, repeats: int) -> None:
+def run(net: str, shapes, fmt: Posit, repeats: int, none: bool = False) -> None:
     g = torch.Generator().manual_seed(0)
-    tot = {"exact": 0.0, "fake": 0.0, "f32": 0.0}
+    tot = {"exact": 0.0, "fake": 0.0, "f32": 0.0, "none": 0.0}
+    none = none and fmt.nbits <= 8  # wider formats have no tables: the float kernel, far slower
     gemms = []
     for name, M, K, N, ra, rb in shapes:
         a = fmt.round(draw(ra, (M, K), K, g)).float()
         b = fmt.round(draw(rb, (K, N), K, g)).float()
         tot["exact"] += median_seconds(lambda: quire.matmul(a, b, fmt), repeats)
+        if none:
+            tot["none"] += median_seconds(lambda: quire.matmul(a, b, fmt, mode="none"), repeats)
         tot["fake"] += median_seconds(lambda: fmt.round(torch.matmul(a, b)), repeats)
         tot["f32"] += median_seconds(lambda: torch.matmul(a, b), repeats)
         gemms.append(slice_gemms(a, b))
@@ -93,6 +96,7 @@ def run(net: str, shapes, fmt: Posit, repeats: int) -> None:
         f"{net:9} {str(fmt):12} exact {tot['exact'] * 1e3:8.1f} ms  fake-quant {tot['fake'] * 1e3:7.1f} ms  "
         f"float32 {tot['f32'] * 1e3:6.1f} ms  exact/fake {tot['exact'] / tot['fake']:5.2f}  "
         f"exact/f32 {tot['exact'] / tot['f32']:6.1f}  float64 GEMMs per shape {gemms}"
+        + (f"  none {tot['none'] * 1e3:7.1f} ms  none/exact {tot['none'] / tot['exact']:5.2f}" if none else "")
     )
 
 
@@ -100,14 +104,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch and numba threads (default: all cores)")
+    parser.add_argument("--none", action="store_true", help="also time mode='none' (no quire) for formats of <= 8 bits")
+    parser.add_argument("--formats", nargs="+", default=None, help="e.g. 'posit(8,2)' 'posit(16,2)' (default: all six)")
     args = parser.parse_args()
     if args.threads:
         numba.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sums over each network's GEMMs, medians of {args.repeats}")
     for net, shapes in (("LeNet-5", LENET), ("CifarNet", CIFARNET)):
-        for fmt in FORMATS:
-            run(net, shapes, fmt, args.repeats)
+        for fmt in [Posit.parse(f) for f in args.formats] if args.formats else FORMATS:
+            run(net, shapes, fmt, args.repeats, args.none)
 
 
 if __name__ == "__main__":

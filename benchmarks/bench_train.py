@@ -1,8 +1,8 @@
 """Seconds per training epoch of LeNet-5 on Fashion-MNIST: posit recipes vs float32 torch.
 
 Times whole training steps (forward, loss, backward, optimizer step) at batch 64 for
-``posit8-O16-L16q`` (exact quire), posit(16,2) everywhere (with quire) and plain float32
-torch, in the same run and from the same initial weights and batch order. ``--subset``
+``posit8-O16-L16q`` (exact quire), ``posit8-O16-L16`` (no quire: every product and sum
+rounded), posit(16,2) everywhere (with quire) and plain float32 torch, in the same run and from the same initial weights and batch order. ``--subset``
 times that fraction of an epoch and extrapolates to the 60,000 images; a few warm-up
 steps (numba compilation, allocator) are excluded.
 
@@ -24,7 +24,7 @@ from positnn.convert import convert
 from positnn.data import load_dataset
 from positnn.models import lenet5
 
-CONFIGS = ("posit8-O16-L16q", "posit(16,2)q", "float32-torch")
+CONFIGS = ("posit8-O16-L16q", "posit8-O16-L16", "posit(16,2)q", "float32-torch")
 
 
 def _setup(name: str, base: torch.nn.Module, lr: float, momentum: float):

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
-from .kernels import slicing
+from .kernels import lut, rounding, slicing
 
 MODES = ("exact", "none", "float32", "float64")
 # The largest limb magnitude a loaded quire state may hold: the sum of up to 2**28 quires'
@@ -131,7 +131,9 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     G = torch.matmul(lhs, rhs.transpose(-1, -2))
     out = torch.empty((nb, M, N), dtype=fmt.dtype)
     bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
-    if P == Q == 1:
+    if P == Q == 1 and bias is None:
+        acc.round_flat(G.reshape(-1).contiguous().numpy(), out.view(-1).numpy(), fmt.nbits, fmt.es, underflow)
+    elif P == Q == 1:
         acc.round_sum(G.numpy(), bias_v.numpy(), False, out.numpy(), fmt.nbits, fmt.es, underflow)
     else:
         acc.round_terms(G.numpy(), P, Q, bias_v.numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
@@ -183,6 +185,9 @@ def matmul(
     if mode == "exact":
         out = _exact_bmm(a3, b3, bias64, fmt, underflow)
     elif mode == "none":
+        out = _lut_bmm(a3, b3, bias64, fmt, underflow) if fmt.nbits <= 8 else None
+        if out is not None:
+            return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
         out = torch.empty((a3.shape[0], M, N), dtype=fmt.dtype)
         no_bias = torch.empty(0, dtype=torch.float64)
         acc.sequential_dot(
@@ -193,6 +198,82 @@ def matmul(
         out = _float_bmm(a3, b3, bias64, fmt, underflow, torch.float32 if mode == "float32" else torch.float64)
 
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
+
+
+def _lut_patterns(t: torch.Tensor, fmt: Posit) -> torch.Tensor | None:
+    """t's values as unsigned n-bit patterns (uint8, t's shape), or None if any is not a
+    posit of ``fmt`` (NaN and +-inf are NaR; -0 is 0)."""
+    flat = _host(t).contiguous().reshape(-1)
+    p = torch.empty(flat.shape, dtype=torch.uint8)
+    if flat.dtype == torch.float32 and fmt.dtype == torch.float32:
+        keys, bits = lut.float32_keys(fmt.nbits, fmt.es)
+        bad = lut.f32_patterns(flat.view(torch.int32).numpy().view(np.uint32), keys, bits, p.numpy(), fmt.nbits)
+    else:
+        bad = lut.to_patterns(flat.numpy(), p.numpy(), fmt.nbits, fmt.es)
+    return None if bad else p.view(t.shape)
+
+
+def _lut_acc0(bias: torch.Tensor | None, N: int, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+    """The initial accumulator patterns: round(bias), or 0; None for a bias that rounds to
+    -0 (the float path keeps that sign, the patterns cannot)."""
+    if bias is None:
+        return torch.zeros(N, dtype=torch.int64)
+    rb = torch.empty(N, dtype=torch.float64)
+    rounding.round_nearest(_host(bias).double().reshape(N).contiguous().numpy(), rb.numpy(), fmt.nbits, fmt.es, underflow)
+    if bool(((rb == 0) & torch.signbit(rb)).any()):
+        return None
+    pb = torch.empty(N, dtype=torch.uint8)
+    lut.to_patterns(rb.numpy(), pb.numpy(), fmt.nbits, fmt.es)
+    return pb.to(torch.int64)
+
+
+def _lut_run(pa: torch.Tensor, pb: torch.Tensor, acc0: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor:
+    """Patterns pa (B, M, K) and pb (B, K, N), accumulators acc0 (B, N): (B, M, N) values."""
+    vals, mul, add = lut.tables(fmt.nbits, fmt.es, underflow)
+    out = torch.empty((pa.shape[0], pa.shape[1], pb.shape[2]), dtype=fmt.dtype)
+    lut.lut_dot(pa.contiguous().numpy(), pb.contiguous().numpy(), acc0.contiguous().numpy(), mul, add, vals, out.numpy(), fmt.nbits)
+    return out
+
+
+def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+    """mode="none" for n <= 8 by table look-up on bit patterns (``kernels.lut``), or None
+    where that would not be bit-identical to ``acc.sequential_dot``: an operand that is not
+    a posit of ``fmt``, or a bias that rounds to -0 (the float path keeps that sign)."""
+    pa = _lut_patterns(a, fmt)
+    pb = None if pa is None else _lut_patterns(b, fmt)
+    acc0 = None if pb is None else _lut_acc0(bias, b.shape[-1], fmt, underflow)
+    if acc0 is None:
+        return None
+    return _lut_run(pa, pb, acc0.expand(a.shape[0], -1), fmt, underflow)
+
+
+def _pattern_cols(px, k, stride, padding, dilation, groups):
+    """Unfolded patterns (groups, N*L, C/groups*kh*kw), as torch's unfold orders them, and
+    the output size (ho, wo)."""
+    n, c, h, w = px.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = torch.empty((groups, n * ho * wo, c // groups * kh * kw), dtype=torch.uint8)
+    lut.pattern_cols(px.contiguous().numpy(), kh, kw, sh, sw, ph, pw, dh, dw, cols.numpy())
+    return cols, (ho, wo)
+
+
+def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:
+    """conv2d in mode "none" for n <= 8: the unfolded GEMM of ``conv2d`` on bit patterns
+    (unfolded as uint8, a quarter of the float32 traffic), or None where ``_lut_bmm`` would
+    refuse (then the float path runs, as before)."""
+    px = _lut_patterns(x, fmt)
+    pw = None if px is None else _lut_patterns(w, fmt)
+    o, cg, kh, kw = w.shape
+    acc0 = None if pw is None else _lut_acc0(bias, o, fmt, underflow)
+    if acc0 is None:
+        return None
+    cols, (ho, wo) = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)
+    n = x.shape[0]
+    wg = pw.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (groups, K, O/groups)
+    y = _lut_run(cols, wg, acc0.view(groups, o // groups), fmt, underflow)  # (groups, N*L, O/groups)
+    return y.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2).contiguous()
 
 
 def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,20 +416,73 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def _native_exact(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
-    """Is a float64 torch op summing ``terms`` products of entries of a and b exact?
+# A sliced native convolution runs P * Q float64 convolutions; beyond this many the unfolded
+# GEMM with per-row slicing (narrower spans) is the better plan.
+MAX_NATIVE_SLICES = 6
 
-    It is when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole tensors: every
-    partial sum, in any order, is then a multiple of the smallest product unit below 2**53
-    of them. NaR makes this False (the slower path keeps NaR where it belongs).
+
+def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int) -> tuple[int, int, int, int, int, int] | None:
+    """How a float64 torch op summing ``terms`` products of entries of a and b is exact:
+    (P, Q, wa, wb, ta, tb), or None where it cannot be (the unfolded GEMM path then).
+
+    One op is exact when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole
+    tensors: every partial sum, in any order, is then a multiple of the smallest product
+    unit below 2**53 of them (P = Q = 1). Wider operands are cut, without error, into P
+    (Q) slices of wa (wb) bits below the tensor's top ta (tb), wa + wb + ceil(log2 terms)
+    <= 53, so each of the P * Q slice-pair ops is exact; their results are summed in limbs.
+    NaR gives None (the slower path keeps NaR where it belongs).
     """
     ta, la, bad_a = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
     tb, lb, bad_b = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
     if bad_a or bad_b:
-        return False
+        return None
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
-        return True  # an all-zero operand
-    return _products_fit(ta, la, tb, lb, terms) and (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1))) <= 53
+        return 1, 1, 0, 0, 0, 0  # an all-zero operand
+    if not _products_fit(ta, la, tb, lb, terms):
+        return None
+    budget = 53 - math.ceil(math.log2(max(terms, 1)))
+    sa, sb = ta - la, tb - lb
+    if sa + sb <= budget:
+        return 1, 1, sa, sb, ta, tb
+    if budget < 2 or min(la, lb) < -1022:  # slicing clears mantissa bits of normal floats
+        return None
+    wa, wb = _widths(sa, sb, budget, a.numel(), b.numel(), max(a.numel(), b.numel()))
+    P, Q = -(-sa // wa), -(-sb // wb)
+    return (P, Q, wa, wb, ta, tb) if P * Q <= MAX_NATIVE_SLICES else None
+
+
+def _whole_window(x_shape, w_shape, stride, padding, dilation, groups) -> bool:
+    """Does every kernel cover its whole input (a 1x1 output, no padding, one group)? The
+    convolution is then a plain GEMM, which BLAS does faster than torch's float64 conv."""
+    return (groups == 1 and tuple(padding) == (0, 0) and tuple(dilation) == (1, 1)
+            and tuple(x_shape[2:]) == tuple(w_shape[2:]))
+
+
+def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.Tensor]:
+    """x as float64, or as ``count`` exact slices of w bits below 2**top summing to it."""
+    x64 = _host(x).double()
+    if count == 1:
+        return [x64]
+    out = torch.empty((count, x64.numel()), dtype=torch.float64)
+    slicing.split_flat(x64.reshape(-1).contiguous().numpy(), top, w, out.numpy())
+    return list(out.view(count, *x64.shape).unbind(0))
+
+
+def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """op(a, b) (a float64 torch convolution) exactly per ``plan``, plus a per-channel
+    bias, rounded once: (N, C, H, W) in ``fmt.dtype``."""
+    P, Q, wa, wb, ta, tb = plan
+    sa, sb = _native_slices(a, P, wa, ta), _native_slices(b, Q, wb, tb)
+    ys = [op(u, v) for u in sa for v in sb]
+    if len(ys) == 1:
+        return _round_exact(ys[0], fmt, underflow, bias)
+    y = torch.stack(ys)  # (T, N, C, H, W)
+    t, n, c = y.shape[:3]
+    g = y.reshape(t, n, c, -1).contiguous()
+    out = torch.empty(g.shape[1:], dtype=fmt.dtype)
+    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
+    acc.round_stack(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt.nbits, fmt.es, underflow)
+    return out.view(y.shape[1:])
 
 
 def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -356,7 +490,10 @@ def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tenso
     n, c = y.shape[:2]
     g = y.reshape(n, c, -1).contiguous()
     out = torch.empty(g.shape, dtype=fmt.dtype)
-    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
+    if bias is None:
+        acc.round_flat(g.view(-1).numpy(), out.view(-1).numpy(), fmt.nbits, fmt.es, underflow)
+        return out.view(y.shape)
+    bias_v = _host(bias).double().reshape(c).contiguous()
     acc.round_sum(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt.nbits, fmt.es, underflow)
     return out.view(y.shape)
 
@@ -377,8 +514,9 @@ def conv2d(
     """2-D convolution (as torch.nn.functional.conv2d) with one quire per output element.
 
     x is (N, C, H, W) and w is (O, C // groups, kh, kw). When the operands' spans make a
-    float64 convolution exact, torch computes it and the bias is added in the rounding;
-    otherwise it is a sliced GEMM over the unfolded input (K = C/groups * kh * kw).
+    float64 convolution exact, torch computes it and the bias is added in the rounding; a
+    little wider, torch convolves a few exact slices of them (``_native_plan``), summed in
+    limbs; otherwise it is a sliced GEMM over the unfolded input (K = C/groups * kh * kw).
     """
     _check_operand(x, "x")
     _check_operand(w, "w")
@@ -389,9 +527,17 @@ def conv2d(
     if c != cg * groups or o % groups:
         raise ValueError(f"conv2d channels do not match: input has {c}, weight expects {cg} x {groups} groups, {o} outputs")
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
-    if mode == "exact" and _native_exact(x, w, cg * kh * kw):
-        y = F.conv2d(_host(x).double(), _host(w).double(), None, stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow, bias).to(x.device)
+    plan = _native_plan(x, w, cg * kh * kw) if mode == "exact" else None
+    if plan is not None:
+        if _whole_window(x.shape, w.shape, stride, padding, dilation, groups):
+            op = lambda u, v: (u.reshape(n, -1) @ v.reshape(o, -1).t()).view(n, o, 1, 1)  # noqa: E731
+        else:
+            op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
+    if mode == "none" and fmt.nbits <= 8:
+        y = _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow)
+        if y is not None:
+            return y.to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
     wout = (wd + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
@@ -423,9 +569,13 @@ def conv2d_input_grad(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c, h, wd = input_shape
     co, cg, kh, kw = w.shape
-    if mode == "exact" and _native_exact(grad, w, (co // groups) * kh * kw):
-        y = torch.nn.grad.conv2d_input(tuple(input_shape), _host(w).double(), _host(grad).double(), stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow).to(grad.device)
+    plan = _native_plan(grad, w, (co // groups) * kh * kw) if mode == "exact" else None
+    if plan is not None:
+        if _whole_window(input_shape, w.shape, stride, padding, dilation, groups) and tuple(grad.shape[2:]) == (1, 1):
+            op = lambda u, v: (u.reshape(n, co) @ v.reshape(co, -1)).view(n, c, h, wd)  # noqa: E731
+        else:
+            op = lambda u, v: torch.nn.grad.conv2d_input(tuple(input_shape), v, u, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, grad, w, plan, fmt, underflow).to(grad.device)
     # The output error dilated by the stride and padded, convolved with the rotated kernel.
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     d = grad
@@ -457,10 +607,22 @@ def conv2d_weight_grad(
     and output position (K = N * Hout * Wout), rounded once (not divided by N)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, co, ho, wo = grad.shape
-    if mode == "exact" and _native_exact(x, grad, n * ho * wo):
-        y = torch.nn.grad.conv2d_weight(_host(x).double(), tuple(weight_shape), _host(grad).double(), stride, padding, dilation, groups)
-        return _round_exact(y, fmt, underflow).to(grad.device)
+    plan = _native_plan(x, grad, n * ho * wo) if mode == "exact" else None
+    if plan is not None:
+        if _whole_window(x.shape, weight_shape, stride, padding, dilation, groups) and (ho, wo) == (1, 1):
+            op = lambda u, v: (v.reshape(n, co).t() @ u.reshape(n, -1)).view(tuple(weight_shape))  # noqa: E731
+        else:
+            op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
+        return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
+    if mode == "none" and fmt.nbits <= 8:
+        px = _lut_patterns(x, fmt)
+        pd = None if px is None else _lut_patterns(grad, fmt)
+        if pd is not None:
+            cols, _ = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)  # (groups, N*L, K)
+            d3 = pd.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
+            zero = torch.zeros((groups, cols.shape[2]), dtype=torch.int64)
+            return _lut_run(d3, cols, zero, fmt, underflow).reshape(weight_shape).to(grad.device)
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kk, L)
     k = cols.shape[1] // groups
     cols = cols.reshape(n, groups, k, ho * wo).permute(1, 0, 3, 2).reshape(groups, n * ho * wo, k)

@@ -119,6 +119,15 @@ def round_sum(G, bias, bias_on_rows, out, n, es, underflow):
 
 
 @njit(parallel=True, cache=True)
+def round_flat(G, out, n, es, underflow):
+    """round_sum without a bias on flat arrays: the same TwoSum with 0 and rounding per
+    element, as one long loop (skinny GEMM results have rows of a few elements)."""
+    for i in prange(G.size):
+        s, err = two_sum(G[i], 0.0)
+        out[i] = round_value(s, err, n, es, underflow)
+
+
+@njit(parallel=True, cache=True)
 def round_terms(G, P, Q, bias, out, n, es, underflow):
     """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
 
@@ -231,3 +240,63 @@ def sequential_dot(A, B, bias, out, n, es, underflow):
                 acc[j] = round_value(s, err, n, es, underflow)
         for j in range(N):
             out[b, i, j] = acc[j]
+
+
+@njit(parallel=True, cache=True)
+def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
+    """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
+    (the slice-pair results of a sliced convolution). The bias runs along the columns
+    (bias[j]), or along the rows with ``bias_on_rows``. Terms are added by TwoSum while
+    the errors add up exactly (nearly always); otherwise in limbs."""
+    T = G.shape[0]
+    nb, M, N = out.shape
+    has_bias = bias.size > 0
+    mants = np.empty((nb * M, T + 1), dtype=np.int64)
+    exps = np.empty((nb * M, T + 1), dtype=np.int64)
+    for bi in prange(nb * M):
+        b = bi // M
+        i = bi - b * M
+        limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+        for j in range(N):
+            # Fast path: sum = s + err exactly while every addition of the TwoSum errors
+            # is itself exact (f == 0); then round s + err as round_sum does.
+            bv = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+            s = G[0, b, i, j]
+            err = 0.0
+            exact = True
+            for t in range(1, T + 1):
+                v = G[t, b, i, j] if t < T else bv
+                s, e = two_sum(s, v)
+                err, f = two_sum(err, e)
+                exact &= f == 0.0
+            if exact:
+                s, e = two_sum(s, err)
+                out[b, i, j] = round_value(s, e, n, es, underflow)
+                continue
+            finite = True
+            lsb = 1 << 30
+            top = -(1 << 30)
+            for t in range(T + 1):
+                if t < T:
+                    v = G[t, b, i, j]
+                else:
+                    v = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+                finite &= np.isfinite(v)
+                m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
+                mants[bi, t] = m
+                exps[bi, t] = ex
+                if m != 0:
+                    lsb = min(lsb, ex)
+                    top = max(top, ex + 53)
+            if not finite:
+                out[b, i, j] = np.nan
+                continue
+            if top < lsb:
+                out[b, i, j] = 0.0
+                continue
+            nl = (top - lsb + 16) // LIMB + 4
+            limbs[:nl] = 0
+            for t in range(T + 1):
+                if mants[bi, t] != 0:
+                    add_int(limbs, exps[bi, t] - lsb, mants[bi, t])
+            out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)

@@ -121,3 +121,16 @@ def magnitude_range(x):
         lo = min(lo, t if t > -NO_BITS else NO_BITS)
         nonfinite += 0 if np.isfinite(v) else 1
     return hi, lo, nonfinite
+
+
+@njit(parallel=True, cache=True)
+def split_flat(x, top, w, out):
+    """out[s, i] = the bits of x[i] in [top - w(s+1), top - ws), one common ``top`` for the
+    whole flat array: the S slices sum to x exactly (finite normal or zero entries)."""
+    S = out.shape[0]
+    for i in prange(x.size):
+        rest = np.float64(x[i])
+        for s in range(S):
+            cut = _truncate_at(rest, top - w * (s + 1))
+            out[s, i] = cut
+            rest = rest - cut

@@ -1,0 +1,73 @@
+"""Sliced native convolutions (quire._native_plan / _native_op) against the unfolded GEMM
+path, which the oracle suites check against Fraction and SoftPosit references."""
+
+import math
+
+import pytest
+import torch
+
+from positnn import Posit, quire
+
+
+def _wide(shape, g, fmt, binades):
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-binades, binades + 1, shape, generator=g).double())
+    x = torch.where(torch.rand(shape, generator=g) < 0.2, torch.zeros(()), x)
+    return fmt.round(x)
+
+
+@pytest.mark.parametrize("fmt", [Posit(16, 2), Posit(16, 1), Posit(8, 2), Posit(32, 2)])
+@pytest.mark.parametrize("binades", [3, 12, 22])
+def test_sliced_native_conv_matches_unfolded(fmt, binades, monkeypatch):
+    g = torch.Generator().manual_seed(binades + fmt.nbits)
+    for (n, c, h, w), (o, kh), stride, pad, dil, groups in [
+        ((2, 3, 9, 8), (4, 3), 1, 1, 1, 1), ((3, 4, 11, 10), (6, 3), 2, 0, 1, 2), ((2, 2, 12, 12), (2, 2), 1, 2, 2, 1),
+        ((3, 4, 5, 5), (6, 5), 1, 0, 1, 1), ((2, 3, 4, 4), (5, 4), 2, 0, 1, 1),  # whole-window: GEMMs
+    ]:
+        x = _wide((n, c, h, w), g, fmt, binades)
+        k = _wide((o, c // groups, kh, kh), g, fmt, binades)
+        b = _wide((o,), g, fmt, binades)
+        y = quire.conv2d(x, k, b, fmt, stride, pad, dil, groups)
+        d = _wide(tuple(y.shape), g, fmt, binades)
+        got = [
+            quire.conv2d(x, k, b, fmt, stride, pad, dil, groups),
+            quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups),
+            quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups),
+        ]
+        plans = [quire._native_plan(x, k, 1), quire._native_plan(d, k, 1), quire._native_plan(x, d, 1)]
+        monkeypatch.setattr(quire, "_native_plan", lambda *a: None)
+        exp = [
+            quire.conv2d(x, k, b, fmt, stride, pad, dil, groups),
+            quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups),
+            quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups),
+        ]
+        monkeypatch.undo()
+        for gv, ev, p in zip(got, exp, plans):
+            assert torch.equal(gv, ev), (fmt, binades, p)
+
+
+def test_sliced_plan_is_used_for_wide_operands():
+    fmt = Posit(16, 2)
+    x = torch.tensor([2.0**20, 2.0**-20]).reshape(1, 1, 1, 2)
+    k = torch.tensor([2.0**10, 2.0**-16]).reshape(1, 1, 1, 2)
+    plan = quire._native_plan(x, k, 2)
+    assert plan is not None and plan[0] * plan[1] > 1
+    y = quire.conv2d(x, k, None, fmt)
+    assert y.item() == fmt.round(torch.tensor([2.0**30 + 2.0**-36], dtype=torch.float64)).item()
+
+
+def test_round_stack_fast_and_limb_paths():
+    from positnn.kernels import accumulate as acc
+
+    def run(terms, bias=None):
+        G = torch.tensor(terms, dtype=torch.float64).view(len(terms), 1, 1, 1)
+        out = torch.empty((1, 1, 1), dtype=torch.float64)
+        bv = torch.empty(0, dtype=torch.float64) if bias is None else torch.tensor([bias], dtype=torch.float64)
+        acc.round_stack(G.numpy(), bv.numpy(), True, out.numpy(), 8, 0, False)
+        return out.item()
+
+    # posit(8,0) near 1: spacing 2**-5, midpoint 1 + 2**-6 (a tie, to even: 1).
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)]) == 1.0  # TwoSum path
+    assert run([2.0**60, 1 + 2.0**-6, 2.0**-60, -(2.0**60)]) == 1 + 2.0**-5  # limbs: the 2**-60 breaks the tie
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=2.0**-60) == 1 + 2.0**-5
+    assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=-(2.0**-60)) == 1.0
+    assert math.isnan(run([1.0, float("nan")]))
