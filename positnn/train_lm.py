@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -61,6 +61,7 @@ class LMConfig:
     seed: int = 1337
     data_dir: str | None = None
     threads: int | None = None
+    policy_spec: dict | None = None  # a policy file's content, stored by the run itself
 
     def __post_init__(self) -> None:
         check_field_types(self)
@@ -79,7 +80,11 @@ class LMConfig:
             raise ValueError("warmup_iters, weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        Policy.load(self.policy)
+        self.resolved_policy()
+
+    def resolved_policy(self) -> Policy:
+        """The run's policy: the stored copy when there is one, else ``policy`` itself."""
+        return Policy.from_dict(self.policy_spec) if self.policy_spec is not None else Policy.load(self.policy)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LMConfig":
@@ -102,8 +107,7 @@ def build_lm(config: LMConfig, vocab: int) -> tuple[torch.nn.Module, torch.optim
     """The (converted) GPT and its AdamW, weight decay on parameters of 2 or more dims."""
     torch.manual_seed(config.seed)
     model: torch.nn.Module = GPT(vocab, config.block_size, config.n_layer, config.n_head, config.n_embd, config.dropout)
-    policy = Policy.load(config.policy)
-    model = convert(model, policy)
+    model = convert(model, config.resolved_policy())
     params = list(model.parameters())
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
@@ -150,6 +154,8 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
     if not resume and out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty ({', '.join(sorted(p.name for p in out.iterdir())[:5])}); "
                          f"pass --resume to continue a run there, or choose another --out")
+    if config.policy_spec is None and config.policy.strip().lower().endswith(".toml"):
+        config = replace(config, policy_spec=config.resolved_policy().to_dict())  # the file may change
     if config.threads:
         import numba
 
@@ -163,7 +169,7 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
     if resume:
         ckpt = read_lm_checkpoint(ckpt_path)
         saved = LMConfig.from_dict(ckpt["config"])
-        free = {"max_iters": 0, "threads": None, "data_dir": None}
+        free = {"max_iters": 0, "threads": None, "data_dir": None, "policy_spec": None}
         if asdict(saved) | free != asdict(config) | free:
             raise ValueError(f"cannot resume {out}: its config {asdict(saved)} differs from {asdict(config)} "
                              f"beyond max_iters, threads and data_dir")
