@@ -26,8 +26,10 @@ PAPER_TABLE4 = {
 }
 
 
-# The columns plot_runs draws; train.py writes these and more (lr, top-k, seconds, ...).
+# The columns plot_runs draws; train.py writes these and more (lr, top-k, seconds, ...),
+# and train_lm.py the second set, per evaluation.
 PLOT_COLUMNS = ("epoch", "top1", "train_loss", "test_loss")
+LM_PLOT_COLUMNS = ("iter", "train_loss", "val_loss")
 
 
 def read_metrics(run: str | os.PathLike) -> list[dict]:
@@ -68,8 +70,9 @@ def _parse_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _plot_metrics(run: str | os.PathLike) -> list[dict]:
-    """read_metrics, plus what plotting needs: the drawn columns and at least one epoch."""
+def _plot_metrics(run: str | os.PathLike) -> tuple[str, list[dict]]:
+    """read_metrics, plus what plotting needs: the drawn columns of an image run
+    ("epochs") or a language-model run ("iterations"), and at least one row."""
     path = Path(run) / "metrics.csv"
     try:
         with open(path, newline="") as f:
@@ -78,14 +81,16 @@ def _plot_metrics(run: str | os.PathLike) -> list[dict]:
         raise FileNotFoundError(f"{path} does not exist: is {run} a positnn run directory?") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not a text CSV file ({exc})") from None
-    missing = [c for c in PLOT_COLUMNS if c not in header]
+    kind = "iterations" if "iter" in header else "epochs"
+    columns = LM_PLOT_COLUMNS if kind == "iterations" else PLOT_COLUMNS
+    missing = [c for c in columns if c not in header]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; a metrics.csv needs {list(PLOT_COLUMNS)} "
-                         f"(its header: {header})")
+                         f"(image runs) or {list(LM_PLOT_COLUMNS)} (language-model runs) (its header: {header})")
     rows = read_metrics(run)
     if not rows:
         raise ValueError(f"{path}: no rows (no epoch finished yet?); nothing to plot")
-    return rows
+    return kind, rows
 
 
 def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike, labels: list[str] | None = None) -> Path:
@@ -100,7 +105,13 @@ def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike, labels: 
     labels = labels or [Path(r).name for r in runs]
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
-    metrics = [_plot_metrics(run) for run in runs]
+    checked = [_plot_metrics(run) for run in runs]
+    kinds = {kind for kind, _ in checked}
+    if len(kinds) > 1:
+        raise ValueError(f"cannot plot image runs (per epoch) and language-model runs (per iteration) together: {runs}")
+    metrics = [rows for _, rows in checked]
+    if kinds == {"iterations"}:
+        return _plot_lm(metrics, labels, output)
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4.2))
     for rows, label in zip(metrics, labels):
         epochs = [r["epoch"] for r in rows]
@@ -112,6 +123,23 @@ def plot_runs(runs: list[str | os.PathLike], output: str | os.PathLike, labels: 
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
     ax_acc.legend(fontsize=8)
+    return _save(fig, output)
+
+
+def _plot_lm(metrics: list[list[dict]], labels: list[str], output: str | os.PathLike) -> Path:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for rows, label in zip(metrics, labels):
+        iters = [r["iter"] for r in rows]
+        line, = ax.plot(iters, [r["val_loss"] for r in rows], marker="o", ms=3, label=label)
+        ax.plot(iters, [r["train_loss"] for r in rows], color=line.get_color(), ls="--")
+    ax.set(xlabel="iteration", ylabel="cross entropy (nats per character)",
+           title="validation (solid) and train (dashed) loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, output)
+
+
+def _save(fig, output: str | os.PathLike) -> Path:
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

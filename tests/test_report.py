@@ -59,3 +59,16 @@ def test_plot_of_no_metrics_file_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty"), "-o", str(tmp_path / "c.png")]) == 2
     assert not (tmp_path / "c.png").exists()
+
+
+def test_plot_draws_language_model_runs_per_iteration_and_refuses_a_mix(tmp_path):
+    lm = "iter,lr,train_loss,val_loss,seconds\n0,1e-05,4.19,4.19,1.0\n250,0.001,2.4,2.5,90.0\n"
+    a, b = _run(tmp_path, lm, "a"), _run(tmp_path, lm.replace("2.5,", "2.6,"), "b")
+    png = tmp_path / "lm.png"
+    assert main(["plot", str(a), str(b), "-o", str(png)]) == 0 and png.stat().st_size > 1000
+    image = _run(tmp_path, GOOD, "img")
+    with pytest.raises(ValueError, match="together"):
+        plot_runs([a, image], tmp_path / "mixed.png")
+    assert not (tmp_path / "mixed.png").exists()
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['val_loss'\]"):
+        plot_runs([_run(tmp_path, "iter,train_loss\n0,4.1\n", "c")], tmp_path / "c.png")
