@@ -814,3 +814,27 @@ def test_layers_run_forward_and_backward_in_posits(name):
         assert is_posit(p, P16), n
         assert p.grad is not None and is_posit(p.grad, P16) and torch.isfinite(p.grad).all(), n
     assert any(bool(p.grad.any()) for p in model.parameters())
+
+
+class _InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        keep = ~(x > 0)  # a bool op on a tensor without grad: run as it is
+        y = self.lin(x)
+        y += 1.0
+        y.mul_(3.0)
+        return y.masked_fill(keep, 0.0)
+
+
+def test_in_place_ops_in_a_custom_forward_are_posit_ops_with_gradients():
+    model = convert(_InPlace(), "posit8q")
+    x = P8.round(torch.randn(5, 4))
+    y = model(x)
+    y_lin = quire.linear(x, P8.round(model.lin.weight.detach()), P8.round(model.lin.bias.detach()), P8)
+    expected = P8.mul(P8.add(y_lin, 1.0), 3.0).masked_fill(~(x > 0), 0.0)
+    assert torch.equal(y, expected)
+    y.sum().backward()
+    assert model.lin.weight.grad is not None and bool(model.lin.weight.grad.any())

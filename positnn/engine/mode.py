@@ -89,13 +89,17 @@ def _name(func: Callable) -> str:
     return getattr(func, "__name__", "")
 
 
+_INPLACE_DUNDERS = {f"__i{op}__" for op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul",
+                                             "and", "or", "xor", "lshift", "rshift")}
+
+
 def _inplace_twin(func: Callable, kwargs: dict) -> tuple[Callable, dict] | None:
     """The out-of-place function of an in-place one (``add_`` -> ``add``, ``__iadd__`` ->
     ``__add__``, ``inplace=True`` -> False), or None when ``func`` is not in place."""
     if kwargs.get("inplace"):
         return func, {**kwargs, "inplace": False}
     name = _name(func)
-    if name.startswith("__i") and name.endswith("__"):
+    if name in _INPLACE_DUNDERS:
         twin = getattr(torch.Tensor, "__" + name[3:], None)
     elif name.endswith("_") and not name.endswith("__") and not name.startswith("_"):
         owner = torch.Tensor if getattr(func, "__objclass__", None) is torch._C.TensorBase or hasattr(torch.Tensor, name) \
@@ -225,13 +229,13 @@ class Engine(TorchFunctionMode):
         lp = self.layer_policy(path)
         if lp.is_float:
             return func(*args, **kwargs)
-        twin = _inplace_twin(func, kwargs)
         flat, spec = tree_flatten((args, kwargs))
         idx = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
         needs_grad = torch.is_grad_enabled() and any(flat[i].requires_grad for i in idx)
         if not needs_grad:
             with _dispatch(Stage.of(lp, "forward"), path, self), _math_attention():
                 return func(*args, **kwargs)
+        twin = _inplace_twin(func, kwargs)
         if twin is not None:  # out of place in posits, then written back, which autograd records
             result = self.__torch_function__(twin[0], types, args, twin[1])
             return args[0].copy_(result)

@@ -104,3 +104,13 @@ def _spread(values: list, wanted: list[bool]) -> list:
 
 def _batch(x: torch.Tensor) -> int:
     return x.shape[0] if x.dim() > 1 else 1
+
+
+def fresh(forward):
+    """An autograd Function's ``forward`` whose output is never a view: autograd forbids
+    in-place ops on a custom Function's view outputs, and models do ``out += identity``."""
+    @functools.wraps(forward)
+    def wrapped(ctx, *args):
+        y = forward(ctx, *args)
+        return y.clone() if isinstance(y, torch.Tensor) and y._base is not None else y
+    return wrapped

@@ -8,11 +8,12 @@ import torch.nn.functional as TF
 
 from ..policy import LayerPolicy, PolicySpec
 from ..stats import LayerStats
-from ._common import _record, resolve, stage
+from ._common import _record, fresh, resolve, stage
 
 
 class _ReLU(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x):
         y = torch.relu(x)
         ctx.save_for_backward(x <= 0)
@@ -33,6 +34,7 @@ def relu(x: torch.Tensor, policy: PolicySpec = None) -> torch.Tensor:
 
 class _LeakyReLU(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, slope, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         x_f = F.round(x)
@@ -65,6 +67,7 @@ class _Smooth(torch.autograd.Function):
     f' from y by one fused multiply-add (y - y*y, 1 - y*y)."""
 
     @staticmethod
+    @fresh
     def forward(ctx, x, kind: str, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         y = getattr(F, kind)(F.round(x))
@@ -98,6 +101,7 @@ def tanh(x: torch.Tensor, policy: PolicySpec = None, *, stats: LayerStats | None
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, p, lp: LayerPolicy, generator):
         F = stage(lp, "forward")
         keep = torch.rand(x.shape, generator=generator, device=x.device) >= p

@@ -8,7 +8,7 @@ import torch
 from .. import reduction
 from ..policy import LayerPolicy, PolicySpec
 from ..stats import LayerStats
-from ._common import IntPair, _error_in, _pair, _param_grads, _record, _weight_copies, resolve, stage
+from ._common import IntPair, _error_in, _pair, _param_grads, _record, _weight_copies, fresh, resolve, stage
 
 
 def _save_input(x_f: torch.Tensor, lp: LayerPolicy) -> torch.Tensor:
@@ -19,6 +19,7 @@ def _save_input(x_f: torch.Tensor, lp: LayerPolicy) -> torch.Tensor:
 
 class _Linear(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, weight, bias, w_f, w_b, b_f, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         x_f = F.round(x)
@@ -78,6 +79,7 @@ def linear(
 
 class _Conv2d(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, weight, bias, w_f, w_b, b_f, geometry, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         x_f = F.round(x)

@@ -7,7 +7,7 @@ import torch
 
 from .. import reduction
 from ..policy import LayerPolicy, PolicySpec
-from ._common import _batch, resolve, stage
+from ._common import _batch, fresh, resolve, stage
 
 
 def _softmax_parts(x: torch.Tensor, dim: int, lp: LayerPolicy):
@@ -21,6 +21,7 @@ def _softmax_parts(x: torch.Tensor, dim: int, lp: LayerPolicy):
 
 class _LogSoftmax(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, dim, lp: LayerPolicy):
         L = stage(lp, "loss")
         z, _, s = _softmax_parts(x, dim, lp)
@@ -56,6 +57,7 @@ def _loss_grad_factor(lp: LayerPolicy, gy: torch.Tensor, count: int, batch: int)
 
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, target, lp: LayerPolicy):
         L = stage(lp, "loss")
         z, e, s = _softmax_parts(x, 1, lp)
@@ -97,6 +99,7 @@ def cross_entropy(x: torch.Tensor, target: torch.Tensor, policy: PolicySpec = No
 
 class _MSE(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, target, lp: LayerPolicy):
         L = stage(lp, "loss")
         d = L.sub(L.round(x), L.round(target))

@@ -9,7 +9,7 @@ from .. import reduction
 from ..policy import LayerPolicy, PolicySpec
 from ..stage import Stage
 from ..stats import LayerStats
-from ._common import _param_grads, _record, _weight_copies, resolve, stage
+from ._common import _param_grads, _record, _weight_copies, fresh, resolve, stage
 
 
 def _channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -19,10 +19,7 @@ def _channels_first(x: torch.Tensor) -> torch.Tensor:
 
 def _from_channels_first(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     n, c = shape[0], shape[1]
-    out = t.reshape(c, n, *shape[2:]).transpose(0, 1)
-    # Never a view of t: an autograd output that is a view cannot be modified in place
-    # (torchvision's ResNet does `out += identity`), and contiguous() keeps one at N or C = 1.
-    return out.clone() if out.is_contiguous() else out.contiguous()
+    return t.reshape(c, n, *shape[2:]).transpose(0, 1).contiguous()
 
 
 def _rowdot(a: torch.Tensor, b: torch.Tensor, S: Stage) -> torch.Tensor:
@@ -32,6 +29,7 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, S: Stage) -> torch.Tensor:
 
 class _BatchNorm(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, weight, bias, w_f, w_b, b_f, running_mean, running_var, training, momentum, eps, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         x_f = _channels_first(F.round(x))

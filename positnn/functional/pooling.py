@@ -9,7 +9,7 @@ import torch.nn.functional as TF
 from ..policy import LayerPolicy, PolicySpec
 from ..stage import Stage
 from ..stats import LayerStats
-from ._common import IntPair, _pair, _record, resolve, stage
+from ._common import IntPair, _pair, _record, fresh, resolve, stage
 
 
 def _disjoint(kernel, stride, dilation=(1, 1)) -> bool:
@@ -19,6 +19,7 @@ def _disjoint(kernel, stride, dilation=(1, 1)) -> bool:
 
 class _MaxPool2d(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, kernel, stride, padding, dilation, lp: LayerPolicy):
         y, idx = torch.ops.aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, False)
         ctx.save_for_backward(x, idx)
@@ -75,6 +76,7 @@ def _fold_exact(cols: torch.Tensor, out_hw, kernel, stride, padding, S: Stage) -
 
 class _AvgPool2d(torch.autograd.Function):
     @staticmethod
+    @fresh
     def forward(ctx, x, kernel, stride, padding, divisor, lp: LayerPolicy, stats):
         F = stage(lp, "forward")
         n, c, h, w = x.shape
