@@ -838,3 +838,25 @@ def test_in_place_ops_in_a_custom_forward_are_posit_ops_with_gradients():
     assert torch.equal(y, expected)
     y.sum().backward()
     assert model.lin.weight.grad is not None and bool(model.lin.weight.grad.any())
+
+
+class _Offset(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 4)
+
+    def forward(self, idx):
+        return self.emb(idx * 3 + 37)  # integer arithmetic on indices: no posit can hold 40 in posit(8,2)
+
+
+def test_integer_arithmetic_stays_exact_and_masks_of_both_operands_survive_add():
+    model = convert(_Offset(), "posit8q")
+    idx = torch.tensor([[0, 1, 2, 20]])
+    assert torch.equal(model(idx), model.emb.weight.detach()[idx * 3 + 37])
+    from positnn.engine.aten_ops import TABLE
+    from positnn.stage import PositStage
+
+    a = torch.tensor([[-math.inf, 1.0], [2.0, 3.0]])
+    b = torch.tensor([[0.5, -math.inf], [1.0, 1.0]])
+    y = TABLE[torch.ops.aten.add](PositStage(P8), torch.ops.aten.add.Tensor, (a, b), {})
+    assert torch.equal(y, torch.tensor([[-math.inf, -math.inf], [3.0, 4.0]]))

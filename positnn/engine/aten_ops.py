@@ -101,7 +101,8 @@ def _add(st, func, args, kwargs):
     if name == "aten::rsub":
         a, b = b, a
     sign = -1 if name.startswith("aten::sub") or name == "aten::rsub" else 1
-    mask = next((m for m in (_masked(a), _masked(b)) if m is not None), None)
+    masks = [m for m in (_masked(a), _masked(b)) if m is not None]
+    mask = masks[0] if len(masks) == 1 else (torch.logical_or(*masks) if masks else None)
     if mask is not None:  # -inf + anything is the mask
         a = torch.where(a == -math.inf, 0.0, a) if isinstance(a, torch.Tensor) else a
         b = torch.where(b == -math.inf, 0.0, b) if isinstance(b, torch.Tensor) else b

@@ -49,6 +49,8 @@ class StageDispatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func.overloadpacket
+        if not any(isinstance(t, torch.Tensor) and t.dtype.is_floating_point for t in tree_flatten((args, kwargs))[0]):
+            return func(*args, **kwargs)  # integer and boolean arithmetic (indices, masks) is exact
         handler = aten_ops.TABLE.get(packet)
         if handler is not None:
             return handler(self.stage, func, args, kwargs)
