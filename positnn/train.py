@@ -236,10 +236,11 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_metrics(out: Path, history: list[dict]) -> None:
+def write_metrics(out: Path, history: list[dict], columns: tuple[str, ...] = METRIC_FIELDS) -> None:
+    """``metrics.csv`` and ``metrics.jsonl`` of a run, each replaced atomically."""
     tmp = out / "metrics.csv.tmp"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, out / "metrics.csv")
@@ -302,7 +303,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
             row = _train_epoch(run, epoch, progress)
             history.append(row)
             _atomic_save(_state(run, epoch + 1, history), ckpt_path)
-            _write_metrics(out, history)
+            write_metrics(out, history)
             log(_summary(row, config.epochs))
             done += 1
     except KeyboardInterrupt:

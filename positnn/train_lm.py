@@ -12,7 +12,6 @@ every RNG state, so ``resume=True`` continues bit-identically. The corpus is
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from .convert import convert
 from .data.text import CharCorpus, load_text
 from .models import GPT
 from .policy import Policy
-from .train import _atomic_save, _versions, check_field_types
+from .train import _atomic_save, _versions, check_field_types, write_metrics
 
 LM_METRICS = ("iter", "lr", "train_loss", "val_loss", "seconds")
 LM_CHECKPOINT = "checkpoint.pt"
@@ -193,7 +192,7 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
             losses = estimate_loss(model, corpus, config)
             history.append({"iter": it, "lr": config.lr_at(it), "train_loss": losses["train"], "val_loss": losses["val"],
                             "seconds": round(time.perf_counter() - t0, 2)})
-            _write_lm_metrics(out, history)
+            write_metrics(out, history, LM_METRICS)
             log(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         for group in opt.param_groups:
             group["lr"] = config.lr_at(it)
@@ -211,18 +210,6 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
                           "vocab": corpus.chars, "model": model.state_dict(), "optimizer": opt.state_dict(),
                           "batch_rng": g.get_state(), "torch_rng": torch.get_rng_state()}, ckpt_path)
     return history
-
-
-def _write_lm_metrics(out: Path, history: list[dict]) -> None:
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LM_METRICS)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "metrics.csv")
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    os.replace(tmp, out / "metrics.jsonl")
 
 
 def read_lm_checkpoint(path: str | os.PathLike) -> dict:
