@@ -63,7 +63,9 @@ class _GradToO:
 def attach(model: nn.Module, policy: Policy) -> Engine:
     """Make ``model`` (already converted layer by layer) run every other op in posits."""
     from ..nn import PositModule
+    from ..nn._base import ensure_torch_step_hook
 
+    ensure_torch_step_hook()  # torch optimizers keep these masters in O too
     engine = Engine(policy, policy.unsupported_ops)
     owned: set[int] = set()
     for path, module in model.named_modules():

@@ -9,7 +9,7 @@ copies without the optimizer having to call anything.
 
 A ``torch.optim`` optimizer may step posit masters too: it computes torch's update in the
 master's carrier dtype, and a global optimizer step hook (registered with the first posit
-module) then rounds every posit master it stepped back to its O format, round to nearest,
+module or engine) then rounds every posit master it stepped back to its O format, round to nearest,
 so the model stays in O and can be saved. Its own state (momentum, Adam moments) stays in
 the carrier float. ``positnn.optim`` computes the whole update in O instead.
 
@@ -38,6 +38,12 @@ _TORCH_STEP_HOOK: list = []
 __all__ = ["PolicySpec", "PositModule", "layer_policy", "load_state_dict"]
 
 
+def ensure_torch_step_hook() -> None:
+    """Register (once) the torch-optimizer hook that keeps posit masters in O."""
+    if not _TORCH_STEP_HOOK:
+        _TORCH_STEP_HOOK.append(register_optimizer_step_post_hook(_round_masters_after_step))
+
+
 @torch.no_grad()
 def _round_masters_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """After a torch optimizer's step, round the posit masters it updated back to O."""
@@ -61,8 +67,7 @@ class PositModule(nn.Module):
 
     def __init__(self, policy: PolicySpec = None, name: str = "") -> None:
         super().__init__()
-        if not _TORCH_STEP_HOOK:
-            _TORCH_STEP_HOOK.append(register_optimizer_step_post_hook(_round_masters_after_step))
+        ensure_torch_step_hook()
         self.policy = layer_policy(policy, name)
         self.posit_stats = LayerStats()
         self._copy_cache: dict[Posit | None, tuple[tuple, dict[str, torch.Tensor]]] = {}
