@@ -120,7 +120,7 @@ def product(a, b):
 @triton.jit
 def quotient(x, y):
     """x / y as (q, t): q faithful, t with the sign of x/y - q (``arith.quotient``)."""
-    q = tl.math.div_rn(x, y)
+    q = x / y  # IEEE division for float64 (div.rn.f64)
     r = tl.fma(-q, y, x)
     t = tl.where(y > 0, r, -r)
     qinf = (q == float("inf")) | (q == float("-inf"))

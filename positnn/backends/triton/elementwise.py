@@ -17,7 +17,7 @@ def round_nearest_kernel(x_ptr, out_ptr, size, n: tl.constexpr, es: tl.constexpr
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < size
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    r = round_value(x, x * 0.0, n, es, underflow)
+    r = round_value(x, tl.zeros_like(x), n, es, underflow)
     tl.store(out_ptr + offs, r.to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -34,7 +34,7 @@ def round_stochastic_kernel(x_ptr, rand_ptr, out_ptr, size, n: tl.constexpr, es:
     flo = as_f64(lo)
     fhi = as_f64(hi)
     span = fhi - flo
-    p = tl.where(span > 0, tl.math.div_rn(tl.abs(v) - flo, tl.where(span > 0, span, 1.0)), 0.0)
+    p = tl.where(span > 0, (tl.abs(v) - flo) / tl.where(span > 0, span, 1.0), 0.0)
     if not underflow:
         p = tl.where(lo == 0, 1.0, p)
     r = tl.where(rnd < p, hi, lo) | (u & (-9223372036854775807 - 1))
@@ -136,7 +136,7 @@ def sqrt_kernel(a_ptr, out_ptr, size, n: tl.constexpr, es: tl.constexpr, BLOCK: 
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < size
     x = tl.load(a_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    q = tl.where(x >= 0, tl.math.sqrt_rn(tl.where(x >= 0, x, 0.0)), float("nan"))
+    q = tl.where(x >= 0, tl.sqrt(tl.where(x >= 0, x, 0.0)), float("nan"))
     r = tl.fma(-q, q, x)
     tl.store(out_ptr + offs, round_value(q, r, n, es, False).to(out_ptr.dtype.element_ty), mask=m)
 
