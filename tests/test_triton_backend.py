@@ -19,8 +19,8 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before positnn's Triton kernels are imported
 
 import contextlib  # noqa: E402
-import itertools  # noqa: E402
 import math  # noqa: E402
+from fractions import Fraction  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -114,7 +114,7 @@ def test_round_nearest_exhaustive(fmt, device):
     finite = x[torch.isfinite(x)]
     with on_triton(device):
         pats = fmt.encode(fmt.round(finite.to(device))).long().cpu() & ((1 << fmt.nbits) - 1)
-    ref = [round_pattern(__import__("fractions").Fraction(float(v)), fmt.nbits, fmt.es) for v in finite]
+    ref = [round_pattern(Fraction(float(v)), fmt.nbits, fmt.es) for v in finite]
     assert pats.tolist() == ref
 
 
@@ -197,6 +197,21 @@ def test_random_samples_wide_formats(fmt, device):
     # near-cancelling fma: a*b + c with c = -round(a*b) (the error-free transformations)
     _arith_equal(fmt, device, "fma", a, b, -fmt.mul(a, b))
     _arith_equal(fmt, device, "add", a, -a + a * 2.0**-40)
+
+
+@pytest.mark.parametrize("device", available_devices)
+@pytest.mark.parametrize("fmt", [Posit(32, 5), Posit(24, 5), Posit(16, 4), Posit(8, 5), Posit(32, 2)], ids=str)
+def test_extremes_every_triple(fmt, device):
+    """Products and quotients beyond float64's range (clamped, then saturated) and every
+    special, all triples: random samples almost never reach these."""
+    e = [fmt.maxpos, fmt.minpos, fmt.maxpos / 2**(2**fmt.es), fmt.minpos * 2**(2**fmt.es), 1.0, 0.0, math.inf, math.nan]
+    v = fmt.round(torch.tensor(e + [-x for x in e], dtype=torch.float64))
+    a, b, c = (t.reshape(-1) for t in torch.meshgrid(v, v, v, indexing="ij"))
+    for op in ("add", "sub", "mul", "div"):
+        _arith_equal(fmt, device, op, a, b)
+    _arith_equal(fmt, device, "sqrt", a)
+    _arith_equal(fmt, device, "fma", a, b, c)
+    _arith_equal(fmt, device, "fma", a, b, -fmt.mul(a, b))
 
 
 @pytest.mark.parametrize("device", available_devices)

@@ -14,7 +14,6 @@ recombination of slice GEMMs with the final rounding.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,7 +30,7 @@ from .quire_ops import (  # noqa: F401  (the quire entry points of this backend)
     split_flat,
     split_rows,
 )
-from .launch import block, check_device
+from .launch import block, check_device, interpreting  # noqa: F401
 
 if TYPE_CHECKING:
     from ...format import Posit
@@ -85,10 +84,7 @@ def encode(x: torch.Tensor, fmt: Posit) -> tuple[torch.Tensor, int]:
 
 def decode(bits: torch.Tensor, fmt: Posit) -> torch.Tensor:
     out = torch.empty(bits.shape, dtype=fmt.dtype, device=bits.device)
-    src = _flat(bits, bits.device)
-    if src.dtype == torch.bool or src.dtype == torch.uint8 and fmt.nbits == 8:
-        src = src.to(torch.int64)  # uint8 patterns load unsigned; the kernel sign-extends
-    return _elementwise(ek.decode_kernel, (src,), out, fmt.nbits, fmt.es)
+    return _elementwise(ek.decode_kernel, (_flat(bits, bits.device),), out, fmt.nbits, fmt.es)
 
 
 def _arith(kernel, operands: tuple[torch.Tensor, ...], fmt: Posit, device: torch.device) -> torch.Tensor:
@@ -115,7 +111,3 @@ def sqrt(a: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
 def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
     return _arith(ek.fma_kernel, (a, b, c), fmt, device)
 
-
-def interpreted() -> bool:
-    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -102,6 +102,14 @@ def two_sum(a, b):
 
 
 @triton.jit
+def signed(neg, value: tl.constexpr, like):
+    """+-value as float64 tensors shaped like ``like`` (a bare float literal would be a
+    float32 in Triton: DBL_MAX would become inf and 2**-1000 zero)."""
+    v = tl.full(like.shape, value, tl.float64)
+    return tl.where(neg, -v, v)
+
+
+@triton.jit
 def product(a, b):
     """a * b as (p, e) with p + e exact; out-of-range p clamped (``arith._product``)."""
     p = a * b
@@ -111,9 +119,9 @@ def product(a, b):
     pinf = (p == float("inf")) | (p == float("-inf"))
     big = pinf & ~(ainf | binf)
     under = (tl.abs(p) < TINY) & (a != 0) & (b != 0)
-    sgn = tl.where((a < 0) != (b < 0), -1.0, 1.0)
+    neg = (a < 0) != (b < 0)
     e = tl.where(big | under, 0.0, e)
-    p = tl.where(big, sgn * DBL_MAX, tl.where(under, sgn * TINY, p))
+    p = tl.where(big, signed(neg, DBL_MAX, p), tl.where(under, signed(neg, TINY, p), p))
     return p, e
 
 
@@ -128,9 +136,9 @@ def quotient(x, y):
     yinf = (y == float("inf")) | (y == float("-inf"))
     big = qinf & ~xinf
     under = (tl.abs(q) < TINY) & (x != 0) & ~yinf
-    sgn = tl.where((x < 0) != (y < 0), -1.0, 1.0)
+    neg = (x < 0) != (y < 0)
     t = tl.where(big | under, 0.0, t)
-    q = tl.where(big, sgn * DBL_MAX, tl.where(under, sgn * TINY, q))
+    q = tl.where(big, signed(neg, DBL_MAX, q), tl.where(under, signed(neg, TINY, q), q))
     return q, t
 
 
