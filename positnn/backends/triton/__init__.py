@@ -30,7 +30,7 @@ from .quire_ops import (  # noqa: F401  (the quire entry points of this backend)
     split_flat,
     split_rows,
 )
-from .launch import block, check_device, interpreting  # noqa: F401
+from .launch import block, check_device
 
 if TYPE_CHECKING:
     from ...format import Posit

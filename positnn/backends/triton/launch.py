@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 # The interpreter runs a program's block as numpy arrays: large blocks amortise its
 # per-operation overhead. Compiled kernels want blocks of a few warps.
@@ -13,7 +12,11 @@ INTERPRETER_BLOCK = 1 << 14
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether positnn's kernels were built for Triton's interpreter: ``TRITON_INTERPRET=1``
+    must be set when they are imported (``triton.jit`` reads it then, not at launch)."""
+    from .elementwise import round_nearest_kernel
+
+    return isinstance(round_nearest_kernel, InterpretedFunction)
 
 
 def block() -> int:
