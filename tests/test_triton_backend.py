@@ -60,8 +60,11 @@ def on_triton(device: str):
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The IEEE bit patterns of a float tensor (on the CPU): -0 and 0 differ, NaN equals NaN."""
+    """The IEEE bit patterns of a float tensor (on the CPU): -0 and 0 differ, NaN equals
+    NaN. Integer tensors are compared as they are."""
     t = t.detach().cpu()
+    if not t.dtype.is_floating_point:
+        return t
     t = torch.where(torch.isnan(t), torch.full_like(t, math.nan), t)
     return t.view(torch.int32 if t.dtype == torch.float32 else torch.int64)
 
@@ -363,3 +366,42 @@ def test_stats_counters_accumulate_on_the_device(device, deferred, monkeypatch):
     assert s.counts["forward"] == {"nar": 3, "saturation": 4}
     s.reset()
     assert s.as_dict() == {}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("device", available_devices)
+def test_lenet_training_steps_match_numba(device):
+    """Two posit8-O16-L16q LeNet-5 steps (quire convolutions and GEMMs, loss, SGD with
+    momentum) through the Triton backend give the numba backend's weights bit for bit."""
+    import positnn.nn as pnn
+    from positnn import optim
+    from positnn.convert import convert
+    from positnn.models import lenet5
+
+    torch.manual_seed(0)
+    base = lenet5()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+    def train(dev: str) -> dict:
+        model = convert(base, "posit8-O16-L16q").to(dev)
+        loss_fn, opt = pnn.CrossEntropyLoss("posit8-O16-L16q"), optim.SGD(model.parameters(), lr=1 / 16, momentum=0.5)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x.to(dev)), y.to(dev)).backward()
+            opt.step()
+        return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+
+    want = train("cpu")
+    with on_triton(device):
+        got = train(device)
+    assert want.keys() == got.keys()
+    tensors = [k for k in want if isinstance(want[k], torch.Tensor)]
+    assert len(tensors) >= 10
+    for k in want:
+        if k in tensors:
+            assert_same(got[k], want[k], f"parameter {k}")
+        else:
+            assert got[k] == want[k], k
