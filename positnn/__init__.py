@@ -1,7 +1,8 @@
 """positnn: deep learning in simulated posit arithmetic, on PyTorch.
 
 Layers, each importing only those before it: ``kernels`` (the numba loops) ->
-``backends`` (who runs the element-wise loops of a device; numba on the CPU) -> ``format``
+``backends`` (who runs the element-wise loops and the quire's kernels of a device; numba on
+the CPU, Triton on CUDA) -> ``format``
 (the Posit format: rounding, bit patterns, correctly rounded ops) and ``floatformat`` (the
 Float formats, fp8 to fp32, with the same interface) -> ``quire`` (exact dot
 products, matmul, conv), ``rounding`` (bare-format helpers), ``stats`` (NaR counters) and

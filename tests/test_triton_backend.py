@@ -2,7 +2,7 @@
 
 On a machine without a GPU the kernels run in Triton's interpreter on CPU tensors
 (``TRITON_INTERPRET=1``, set here before any positnn Triton kernel is imported, and
-``POSITNN_BACKEND=triton``); with CUDA they also run compiled on the GPU. Devices are
+``POSITNN_BACKEND=triton``); with CUDA they run compiled, on CUDA tensors. Devices are
 parametrized as in mptorch (``available_devices``). Sizes are small: the interpreter
 executes every kernel operation as a numpy call over a block.
 
@@ -16,7 +16,11 @@ conv2d and its gradients, NaR) against the numba path; stats counters without a 
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before positnn's Triton kernels are imported
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before positnn's Triton kernels are imported
 
 import contextlib  # noqa: E402
 import math  # noqa: E402
@@ -25,7 +29,6 @@ import sys  # noqa: E402
 from fractions import Fraction  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import positnn  # noqa: E402
 import test_format_softposit as tfs  # noqa: E402
@@ -38,7 +41,10 @@ from posit_reference import round_pattern  # noqa: E402
 # makes a NaN (the kernels handle both, as the compiled ones do silently).
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
                                         "ignore:invalid value encountered:RuntimeWarning")
-available_devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# mptorch's available_devices, for the Triton kernels: triton.jit builds them in one mode
+# per process, compiled for CUDA where there is a GPU, else for the interpreter on the CPU.
+available_devices = ["cuda"] if HAS_CUDA else ["cpu"]
+DEVICE = available_devices[0]
 SMALL = [Posit(8, 0), Posit(8, 1), Posit(8, 2), Posit(6, 1), Posit(5, 3)]
 
 
@@ -57,6 +63,41 @@ def on_triton(device: str):
             os.environ.pop("POSITNN_BACKEND", None)
         else:
             os.environ["POSITNN_BACKEND"] = old
+
+
+@contextlib.contextmanager
+def on_device_inputs(module, name: str, device: str):
+    """Make ``module.name`` (a tensor factory of an oracle suite) build its tensors on
+    ``device``, so that the suite's positnn calls run there."""
+    orig = getattr(module, name)
+    setattr(module, name, lambda *a, **kw: orig(*a, **kw).to(device))
+    try:
+        yield
+    finally:
+        setattr(module, name, orig)
+
+
+class _QuireOn:
+    """``positnn.quire`` with the operands of ``matmul`` moved to a device."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def matmul(self, a, b, fmt, **kw):
+        return quire.matmul(a.to(self.device), b.to(self.device), fmt, **kw)
+
+    def __getattr__(self, name):
+        return getattr(quire, name)
+
+
+@contextlib.contextmanager
+def on_device_quire(device: str):
+    orig = tqs.quire
+    tqs.quire = _QuireOn(device)
+    try:
+        yield
+    finally:
+        tqs.quire = orig
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -252,7 +293,7 @@ def test_scalars_and_broadcasting(device):
 def test_softposit_and_reference_oracles_through_triton(kind, n, op):
     """``test_format_softposit``'s checks (softposit, and the exact reference where they
     disagree), with every positnn op running in the Triton kernels."""
-    with on_triton("cpu"):
+    with on_triton(DEVICE), on_device_inputs(tfs, "f64", DEVICE):
         tfs.check_op(tfs.SoftPosit(kind, n), op, 300, seed=n * 10 + tfs.OPS.index(op))
         if op == "add":
             tfs.check_round(tfs.SoftPosit(kind, n), 500, seed=n)
@@ -303,11 +344,11 @@ def test_quire_sliced_paths_are_exercised():
     a, b = wide(fmt, (1, 7, 33), 40, g), wide(fmt, (33, 5), 40, g)
     calls = []
     tb = backends.get("triton")
-    with on_triton("cpu"):
+    with on_triton(DEVICE):
         orig = tb.round_terms
         try:
             tb.round_terms = lambda *args, **kw: calls.append(args[1:3]) or orig(*args, **kw)
-            quire.matmul(a, b, fmt)
+            quire.matmul(a.to(DEVICE), b.to(DEVICE), fmt)
         finally:
             tb.round_terms = orig
     assert calls and calls[0][0] * calls[0][1] > 1
@@ -330,7 +371,7 @@ def test_quire_conv2d_and_grads_match_numba(fmt, spread, device):
 def test_softposit_quire_oracle_through_triton(name, n, es, kmax):
     """``test_quire_softposit``'s dot products (random, cancelling, at midpoints) against
     SoftPosit's quires and the exact reference, through the Triton quire."""
-    with on_triton("cpu"):
+    with on_triton(DEVICE), on_device_quire(DEVICE):
         tqs.run_sample(name, n, es, min(kmax, 64), 8, seed=len(name) * 7 + n)
 
 
