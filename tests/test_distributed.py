@@ -253,21 +253,20 @@ def _env(rank: int, world: int, port: int) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def _ranks(world: int, args: list[str], tmp: Path) -> None:
-    """Run the worker on ``world`` ranks (no process group at all for world 0: one plain
-    process) and wait; fails the test on a nonzero exit or after 10 minutes."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    n = max(world, 1)
+def _ranks(runs: list[tuple[int, list[str]]]) -> None:
+    """Start every run's ranks at once (run = (world, worker args); world 0: one process
+    without any process group), wait; fails the test on a nonzero exit or after 10 minutes."""
     procs = []
-    for r in range(n):
-        env = _env(r, world, port)
-        if world == 0:
-            env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stderr=subprocess.PIPE,
-                                      text=True))
+    for world, args in runs:
+        port = _free_port()
+        for r in range(max(world, 1)):
+            env = _env(r, world, port)
+            if world == 0:
+                env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            procs.append(subprocess.Popen([sys.executable, str(WORKER), *args], env=env, stderr=subprocess.PIPE,
+                                          text=True))
     errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0] * n, errs
+    assert [p.returncode for p in procs] == [0] * len(procs), errs
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -276,29 +275,32 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _assert_same(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    differ = [k for k in a if not (torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k])]
     assert not differ, f"{what}: {differ} differ"
 
 
-def _check_world_invariance(tmp_path: Path, args: list[str]) -> None:
-    _ranks(0, [args[0], str(tmp_path / "one"), *args[1:]], tmp_path / "one")
-    one = _weights(tmp_path / "one" / "rank0.pt")
-    for world in (1, 2, 3):
-        out = tmp_path / f"w{world}"
-        _ranks(world, [args[0], str(out), *args[1:]], out)
+def _check_world_invariance(tmp_path: Path, kind: str, args: list[str], worlds=(0, 1, 2, 3)) -> None:
+    """The worker's weights after training on each world size (0: a plain process) equal
+    the first's, on every rank."""
+    for w in worlds:
+        (tmp_path / f"w{w}").mkdir()
+    _ranks([(w, [kind, str(tmp_path / f"w{w}"), *args]) for w in worlds])
+    one = _weights(tmp_path / f"w{worlds[0]}" / "rank0.pt")
+    for world in worlds[1:]:
         for r in range(world):
-            _assert_same(one, _weights(out / f"rank{r}.pt"), f"world {world}, rank {r}")
+            _assert_same(one, _weights(tmp_path / f"w{world}" / f"rank{r}.pt"), f"world {world}, rank {r}")
 
 
+@pytest.mark.slow
 def test_lenet5_weights_are_bit_identical_for_1_2_3_processes(tmp_path, fashion_mnist_dir):
     # 64 images, global batch 15: 5 steps per epoch (shares of 8/7, 5/5/5 and a last batch
-    # of 4 as 2/1/1), 4 epochs = 20 steps.
-    _check_world_invariance(tmp_path, ["lenet", str(fashion_mnist_dir), POLICY, "15", "4"])
+    # of 4 as 2/1/1), 4 epochs = 20 steps. The reference is one plain process (world 0).
+    _check_world_invariance(tmp_path, "lenet", [str(fashion_mnist_dir), POLICY, "15", "4"])
 
 
 @pytest.mark.slow
 def test_gpt_block_through_the_engine_is_bit_identical_for_1_2_3_processes(tmp_path):
-    _check_world_invariance(tmp_path, ["gpt", POLICY, "20"])
+    _check_world_invariance(tmp_path, "gpt", [POLICY, "20"])
 
 
 def _cli(args: list[str], rank: int, world: int, port: int) -> subprocess.Popen:
@@ -325,12 +327,16 @@ def test_a_killed_rank_stops_the_other_and_the_run_resumes_on_one_process(tmp_pa
     procs[1].communicate()
     assert procs[0].returncode == 1, err
     assert "rank 0 of 2: a collective failed" in err and "--resume" in err
-    # The checkpoint is whole, and one process continues it as one process would have run.
+    # The checkpoint is whole; its weights after k epochs on 2 processes are one process's.
     saved, ckpt = read_checkpoint(out / "checkpoint.pt", resume=True)
     k = ckpt["epoch"]
     assert 1 <= k < 500
     from positnn.cli import main
 
+    assert main(["train", *common, "--epochs", str(k), "--out", str(tmp_path / "ref_k")]) == 0
+    _assert_same(torch.load(tmp_path / "ref_k" / "checkpoint.pt", weights_only=True)["model"], ckpt["model"],
+                 f"2 processes after {k} epoch(s)")
+    # One process continues it as an uninterrupted one-process run would have gone on.
     assert main(["train", "--out", str(out), "--resume", "--epochs", str(k + 1), "--no-progress"]) == 0
     ref = tmp_path / "ref"
     assert main(["train", *common, "--epochs", str(k + 1), "--out", str(ref)]) == 0
