@@ -361,3 +361,59 @@ def test_nproc_per_node_launches_torchrun_and_matches_one_process(tmp_path, fash
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one", "two"))
     _assert_same(a["model"], b["model"], "torchrun run")
     assert [r["train_loss"] for r in a["history"]] == [r["train_loss"] for r in b["history"]]
+
+
+# -- whole models on thread "ranks": every .grad equals one process's ----------------------------
+def _grads_on_ranks(make_model, loss_fn, x, y, world):
+    torch.manual_seed(0)
+    ref = make_model()
+    loss_fn(ref(x), y).backward()
+    expected = {n: p.grad.clone() for n, p in ref.named_parameters()}
+
+    def rank_fn(r):
+        torch.manual_seed(0)
+        model = make_model()
+        s = distributed.shard(len(x), r, world)
+        loss = loss_fn(model(x[s]), y[s])
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    with torch.no_grad():
+        ref_loss = float(loss_fn(ref(x), y))
+    return expected, ref_loss, _on_ranks(world, rank_fn)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_lenet5_gradients_and_loss_on_thread_ranks_equal_one_process(world):
+    from positnn import convert
+    from positnn.models import lenet5
+    from positnn.nn import CrossEntropyLoss
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(11, 1, 28, 28, generator=g), torch.randint(0, 10, (11,), generator=g)
+    expected, ref_loss, results = _grads_on_ranks(lambda: convert(lenet5(), POLICY), CrossEntropyLoss(POLICY), x, y, world)
+    for loss, grads in results:
+        assert loss == ref_loss  # the loss value is the global batch's
+        _assert_same(expected, grads, f"world {world}")
+
+
+def test_gpt_block_gradients_on_thread_ranks_equal_one_process():
+    from positnn import convert
+    from positnn.models import GPTBlock
+    from positnn.nn import MSELoss
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 4, 8, generator=g), torch.randn(5, 4, 8, generator=g)
+    expected, _, results = _grads_on_ranks(lambda: convert(GPTBlock(8, 2, 0.0, True), POLICY), MSELoss(POLICY), x, y, 2)
+    for _, grads in results:
+        _assert_same(expected, grads, "GPT block")
+
+
+def test_batchnorm_affine_gradients_on_thread_ranks_are_the_global_sums():
+    fmt = Posit(8, 2)
+    S = PositStage(fmt, round_operands=False)
+    g = torch.Generator().manual_seed(6)
+    a, b = fmt.round(torch.randn(4, 1, 9, generator=g)), fmt.round(torch.randn(4, 9, 1, generator=g))
+    outs = _on_ranks(2, lambda r: distributed.batch_matmul(S, a[:, :, _shares(9, 2)[r]], b[:, _shares(9, 2)[r]]))
+    for out in outs:  # the (C, 1, M) @ (C, M, 1) row dots of the affine gradients
+        assert torch.equal(out, S.matmul(a, b))
