@@ -61,6 +61,7 @@ import torch.nn.functional as TF
 
 from . import quire
 from .kernels import accumulate as acc
+from .kernels import limbs as _limbs
 from .stage import Stage
 
 # W ranks' digits sum below W * 2**LIMB; round_quire carries limbs up to LIMB_BOUND.
@@ -197,22 +198,11 @@ def _used_columns(limbs: torch.Tensor) -> tuple[int, int]:
 
 
 def _sign_magnitude(limbs: torch.Tensor) -> torch.Tensor:
-    """Rows of normalised limbs (digits, top limb signed) as signed digits of |value|:
-    a negative row is negated and carried, then its digits take the sign, so a value's
-    nonzero limbs are only those its magnitude spans (the sum of such rows is exact)."""
-    neg = limbs[:, -1] < 0
-    if not bool(neg.any()):
-        return limbs
-    mag = torch.where(neg[:, None], -limbs, limbs)
-    carry = torch.zeros(mag.shape[0], dtype=torch.int64)
-    cols = []
-    for col in mag.unbind(1):
-        x = col + carry
-        cols.append(x & ((1 << acc.LIMB) - 1))
-        carry = x >> acc.LIMB
-    cols[-1] = cols[-1] + (carry << acc.LIMB)
-    mag = torch.stack(cols, 1)
-    return torch.where(neg[:, None], -mag, mag)
+    """Rows of normalised limbs (digits, top limb signed) as signed digits of |value|, so
+    that a value's nonzero limbs are only those its magnitude spans (``kernels.limbs``)."""
+    out = torch.empty_like(limbs)
+    _limbs.sign_magnitude(limbs.contiguous().numpy(), out.numpy())
+    return out
 
 
 def all_reduce_quire(q: quire.Quire, nar: torch.Tensor, reducer: Reducer) -> tuple[quire.Quire, torch.Tensor]:

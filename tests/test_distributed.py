@@ -417,3 +417,21 @@ def test_batchnorm_affine_gradients_on_thread_ranks_are_the_global_sums():
     outs = _on_ranks(2, lambda r: distributed.batch_matmul(S, a[:, :, _shares(9, 2)[r]], b[:, _shares(9, 2)[r]]))
     for out in outs:  # the (C, 1, M) @ (C, M, 1) row dots of the affine gradients
         assert torch.equal(out, S.matmul(a, b))
+
+
+def test_sign_magnitude_rows_hold_the_same_integers_in_fewer_columns():
+    fmt = Posit(16, 1)
+    g = torch.Generator().manual_seed(7)
+    a, b = fmt.round(torch.randn(8, 30, generator=g)), fmt.round(torch.randn(30, 6, generator=g))
+    q, _ = quire.matmul_quire(a, b, fmt)
+    sm = distributed._sign_magnitude(q.limbs)
+
+    def value(row):
+        return sum(int(v) << (20 * i) for i, v in enumerate(row.tolist()))
+
+    for r_in, r_out in zip(q.limbs, sm):
+        assert value(r_in) == value(r_out)
+        nz = [i for i, v in enumerate(r_out.tolist()) if v]
+        assert all((v >= 0) == (value(r_in) >= 0) for v in r_out.tolist() if v)  # one sign per row
+        assert not nz or value(r_in).bit_length() > 20 * nz[-1]  # no column above the magnitude
+    assert (q.limbs[:, -1] < 0).any() and (q.limbs[:, -1] == 0).any()  # both signs were seen
