@@ -45,15 +45,17 @@ def _time_positnn(images, labels, batches, reducer) -> dict:
     with distributed.reducing(reducer):
         for b, idx in enumerate(batches):
             if b == WARMUP:
-                t0, sent0 = time.perf_counter(), reducer.bytes_sent if reducer else 0
+                t0 = time.perf_counter()
+                sent0, calls0 = (reducer.bytes_sent, reducer.calls) if reducer else (0, 0)
             if reducer is not None:
                 idx = idx[distributed.shard(len(idx), reducer.rank, reducer.world)]
             opt.zero_grad(set_to_none=True)
             loss_fn(model(images[idx]), labels[idx]).backward()
             opt.step()
     steps = len(batches) - WARMUP
-    sent = (reducer.bytes_sent - sent0) if reducer else 0
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "bytes_per_step": sent / steps}
+    sent, calls = ((reducer.bytes_sent - sent0), (reducer.calls - calls0)) if reducer else (0, 0)
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "bytes_per_step": sent / steps,
+            "collectives_per_step": calls / steps}
 
 
 def _time_ddp(images, labels, batches, world: int) -> dict:
@@ -65,12 +67,13 @@ def _time_ddp(images, labels, batches, world: int) -> dict:
 
     torch.manual_seed(0)
     model = lenet5()
-    counted = {"bytes": 0}
+    counted = {"bytes": 0, "calls": 0}
     if world > 1:
         model = DDP(model)
 
         def hook(state, bucket):  # count what DDP reduces, then reduce it as DDP does
             counted["bytes"] += bucket.buffer().numel() * bucket.buffer().element_size()
+            counted["calls"] += 1
             return allreduce_hook(state, bucket)
 
         model.register_comm_hook(None, hook)
@@ -79,13 +82,14 @@ def _time_ddp(images, labels, batches, world: int) -> dict:
     rank = torch.distributed.get_rank() if world > 1 else 0
     for b, idx in enumerate(batches):
         if b == WARMUP:
-            t0, sent0 = time.perf_counter(), counted["bytes"]
+            t0, sent0, calls0 = time.perf_counter(), counted["bytes"], counted["calls"]
         idx = idx[distributed.shard(len(idx), rank, world)]
         opt.zero_grad(set_to_none=True)
         loss_fn(model(images[idx]), labels[idx]).backward()
         opt.step()
     steps = len(batches) - WARMUP
-    return {"s_per_step": (time.perf_counter() - t0) / steps, "bytes_per_step": (counted["bytes"] - sent0) / steps}
+    return {"s_per_step": (time.perf_counter() - t0) / steps, "bytes_per_step": (counted["bytes"] - sent0) / steps,
+            "collectives_per_step": (counted["calls"] - calls0) / steps}
 
 
 def _rank(args) -> None:
@@ -139,9 +143,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for row in json.loads(result.read_text()):
                 out.append({"processes": world, **row})
     print(f"LeNet-5, Fashion-MNIST, global batch {args.batch_size}, {args.steps} steps, 1 thread per process")
-    print(f"{'processes':>9}  {'trainer':34} {'s/step':>8} {'bytes/step/rank':>16}")
+    print(f"{'processes':>9}  {'trainer':34} {'s/step':>8} {'bytes/step/rank':>16} {'collectives/step':>17}")
     for row in out:
-        print(f"{row['processes']:>9}  {row['trainer']:34} {row['s_per_step']:8.4f} {row['bytes_per_step']:16.0f}")
+        print(f"{row['processes']:>9}  {row['trainer']:34} {row['s_per_step']:8.4f} {row['bytes_per_step']:16.0f} "
+              f"{row['collectives_per_step']:17.1f}")
     return out
 
 

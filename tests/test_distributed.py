@@ -435,3 +435,13 @@ def test_sign_magnitude_rows_hold_the_same_integers_in_fewer_columns():
         assert all((v >= 0) == (value(r_in) >= 0) for v in r_out.tolist() if v)  # one sign per row
         assert not nz or value(r_in).bit_length() > 20 * nz[-1]  # no column above the magnitude
     assert (q.limbs[:, -1] < 0).any() and (q.limbs[:, -1] == 0).any()  # both signs were seen
+
+
+def test_cli_refuses_bad_launch_options(capsys):
+    from positnn.cli import main
+
+    assert main(["train", "--nproc-per-node", "0"]) == 2
+    assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err
+    with distributed.reducing(distributed.Reducer(0, 2)):
+        assert main(["train", "--model", "gpt", "--dataset", "tinyshakespeare"]) == 2
+    assert "--model gpt does not train distributed" in capsys.readouterr().err
