@@ -10,11 +10,13 @@ over the global batch, bit for bit, for any world size, and the same on every ra
 optimizer step that follows is then identical everywhere too.
 
 **World-size bound.** ``quire_add`` leaves every limb but the top one a digit in
-[0, 2**20) and the top one 0 or -1; W ranks' limbs summed are below W * 2**20 in
-magnitude, and :func:`positnn.quire.round_quire` (the carrying rounding of
-``Quire.to_posit``) accepts limbs up to ``LIMB_BOUND`` = 2**48: any W <= 2**28 is exact.
-Limbs are sent as int32 when W <= 2**11 (then |sum| < 2**31), and only the limb columns
-that some rank's values occupy (agreed by one small all-reduce of their range).
+[0, 2**20); each rank sends its rows in sign-magnitude form (the digits of |value|, each
+carrying the value's sign, ``kernels.limbs``), so W ranks' limbs summed are below
+W * 2**20 in magnitude, and :func:`positnn.quire.round_quire` (the carrying rounding of
+``Quire.to_posit``) accepts limbs up to ``LIMB_BOUND`` = 2**48: any W <= 2**28
+(``MAX_WORLD``) is exact. Limbs are sent as int32 when W <= 2**11 (then |sum| < 2**31),
+and only the limb columns that some rank's values occupy (agreed by one small all-reduce
+of their range).
 
 **Why not a DDP communication hook.** DDP hands its hooks buckets of gradients that
 autograd already accumulated in the parameters' float dtype, i.e. already rounded per
