@@ -27,7 +27,8 @@ side effect: positnn layers may keep adding later micro-batches or tied uses int
 
 **Which sums are batch reductions.** In the paper's layers (``positnn.functional``): the
 Linear weight and bias gradients (one GEMM over the batch rows), the Conv2d weight
-gradient (a GEMM over N x output positions) and bias gradient, the BatchNorm affine
+gradient (a GEMM over N x output positions) and bias gradient (the batch sum of the
+per-sample sums, which stay per rank as PositNN rounds them), the BatchNorm affine
 gradients, and the positnn losses' value (an L quire sum of the per-sample losses) and
 their announced factor (the global batch size, :func:`global_counts`). In the any-model
 engine: in the G pass of an op (the autograd pass that computes only parameter
