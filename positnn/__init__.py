@@ -7,8 +7,8 @@ the CPU, Triton on CUDA) -> ``format``
 Float formats, fp8 to fp32, with the same interface) -> ``quire`` (exact dot
 products, matmul, conv), ``rounding`` (bare-format helpers), ``stats`` (NaR counters) and
 ``reduction`` (the gradient scale a loss announces) -> ``policy`` (the five stages, per
-layer) -> ``stage`` (one stage's numerics as a value) -> ``functional`` (the autograd ops of
-the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, ``convert``
+layer) -> ``stage`` (one stage's numerics as a value) -> ``distributed`` (batch reductions
+summed over processes as quire limbs) -> ``functional`` (the autograd ops of the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, ``convert``
 -> ``data``, ``models``, ``report``, ``train``, ``reproduce`` -> ``cli``. Nothing imports
 ``cli``.
 """
@@ -16,6 +16,7 @@ the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, 
 __version__ = "0.1.0"
 
 from . import backends as backends  # noqa: E402
+from . import distributed as distributed  # noqa: E402
 from . import functional as functional  # noqa: E402
 from . import nn as nn  # noqa: E402
 from . import optim as optim  # noqa: E402
@@ -28,4 +29,4 @@ from .format import Posit as Posit  # noqa: E402
 from .policy import LayerPolicy as LayerPolicy  # noqa: E402
 from .policy import Policy as Policy  # noqa: E402
 
-__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "functional", "nn", "optim", "quire", "stats"]
+__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "distributed", "functional", "nn", "optim", "quire", "stats"]

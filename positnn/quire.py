@@ -765,3 +765,61 @@ def _product_error(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.T
     bh = cb - (cb - b)
     al, bl = a - ah, b - bh
     return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def matmul_quire(a: torch.Tensor, b: torch.Tensor, fmt: Posit) -> tuple[Quire, torch.Tensor]:
+    """a @ b (2-D, or 3-D batched with equal batch sizes) as unrounded quire state.
+
+    Returns a :class:`Quire` of ``fmt`` of shape (*batch, M, N) holding every output's exact
+    sum, and a bool tensor of that shape marking the outputs a NaR operand reaches (a
+    quire cannot hold NaR). The slice GEMMs are those of ``matmul(mode="exact")``; their
+    exact float64 results are added into the limbs instead of being rounded, so quires of
+    two halves of K added limb by limb (``Quire.__add__``, an int64 all-reduce) hold the
+    whole sum. Operands must be values of ``fmt`` (or of a format its quire contains):
+    products below minpos**2 raise ValueError.
+    """
+    _check_operand(a, "a")
+    _check_operand(b, "b")
+    if a.dim() not in (2, 3) or b.dim() != a.dim() or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"matmul_quire takes (M, K) @ (K, N) or (B, M, K) @ (B, K, N), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    batch = tuple(a.shape[:-2])
+    a3 = _host(a).reshape(-1, *a.shape[-2:])
+    b3 = _host(b).reshape(-1, *b.shape[-2:])
+    nb, M, K = a3.shape
+    N = b3.shape[-1]
+    q = Quire(fmt, (*batch, M, N))
+    nar = torch.zeros((nb, M, N), dtype=torch.bool)
+    if K == 0 or M == 0 or N == 0 or nb == 0:
+        return q, nar.view(*batch, M, N)
+    a64, top_a, span_a, (ta, la) = _scan(a3)
+    bt64, top_b, span_b, (tb, lb) = _scan(b3.transpose(-1, -2))
+    if span_a and span_b and not _products_fit(ta, la, tb, lb, K):
+        raise ValueError(f"matmul_quire: products of these operands span 2**{la + lb} to 2**{ta + tb} (K = {K}), "
+                         f"beyond float64's exact range")
+    wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))), a3.numel(), b3.numel(), nb * M * N)
+    lhs = _slices(a64, top_a, span_a, wa)
+    rhs = _slices(bt64, top_b, span_b, wb)
+    P, Q = lhs.shape[1] // M, rhs.shape[1] // N
+    terms = torch.matmul(lhs, rhs.transpose(-1, -2)).view(nb, P, M, Q, N)
+    nar |= (~torch.isfinite(terms)).any(3).any(1)
+    for p in range(P):
+        for s in range(Q):
+            t = terms[:, p, :, s, :].contiguous().view(-1)
+            bad = acc.quire_add(q.limbs.numpy(), t.numpy(), q.lsb, False)
+            if bad:
+                raise ValueError(f"matmul_quire: {bad} product sum(s) are not multiples of minpos**2 of {fmt}: the "
+                                 f"operands are not {fmt} values")
+            acc.quire_add(q.limbs.numpy(), t.numpy(), q.lsb, True)
+    return q, nar.view(*batch, M, N)
+
+
+def round_quire(q: Quire, nar: torch.Tensor | None = None, underflow: bool = False) -> torch.Tensor:
+    """Every quire of ``q`` rounded once to its format (``Quire.to_posit``), NaR (NaN)
+    where ``nar`` is set. The limbs may be sums of up to ``LIMB_BOUND >> LIMB`` quires'
+    digits (an all-reduce that did not carry): the rounding carries them in int64 first."""
+    if q.limbs.numel() and int(q.limbs.abs().max()) > LIMB_BOUND:
+        raise ValueError(f"quire limbs exceed 2**{LIMB_BOUND.bit_length() - 1}: more than "
+                         f"{LIMB_BOUND >> acc.LIMB} quires were summed without carrying")
+    out = q.to_posit(underflow)
+    return out if nar is None else out.masked_fill(nar.view(out.shape), float("nan"))
