@@ -39,9 +39,10 @@ def _add_train(sub) -> None:
     for f in fields(LMConfig):
         if f.name in defaults:
             continue
-        kind = {"int": int, "float": float}[str(f.type).split(" ")[0]]
+        kind = {"int": int, "float": float, "str": str}[str(f.type).split(" ")[0]]
         p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=argparse.SUPPRESS,
-                       help=f"(--model gpt) default: {LMConfig.__dataclass_fields__[f.name].default}")
+                       help=f"(--model gpt) default: {LMConfig.__dataclass_fields__[f.name].default}"
+                       + (" (torch or positnn; distributed runs need positnn)" if f.name == "lm_loss" else ""))
     p.add_argument("--out", help="run directory (default: runs/DATASET-MODEL-POLICY)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
@@ -69,12 +70,16 @@ def _cmd_train_lm(args) -> int:
         cfg = LMConfig.from_dict({**saved, **given})
     else:
         cfg = LMConfig(**given)
-    print(f"training gpt on tinyshakespeare with {cfg.policy} into {out}")
+    from . import distributed
+
+    lead = distributed.rank() == 0
+    if lead:
+        print(f"training gpt on tinyshakespeare with {cfg.policy} into {out}", flush=True)
     try:
         history = train_lm(cfg, out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
-    if history:
+    if history and lead:
         print(f"final validation loss {history[-1]['val_loss']:.4f}; metrics in {out}/metrics.csv")
     return 0
 
@@ -137,8 +142,6 @@ def _train_here(args) -> int:
     from .train import read_checkpoint, resume_config, train
 
     if getattr(args, "model", None) == "gpt" or getattr(args, "dataset", None) == "tinyshakespeare":
-        if distributed.active() is not None:
-            raise ValueError("--model gpt does not train distributed yet (image models only)")
         return _cmd_train_lm(args)
     lm_only = sorted(k for k in vars(args) if k not in {f.name for f in _OPTIONS} | {"out", "resume", "no_progress",
                                                                                      "command"} | _LAUNCH)

@@ -34,9 +34,16 @@ their announced factor (the global batch size, :func:`global_counts`). In the an
 engine: in the G pass of an op (the autograd pass that computes only parameter
 gradients), a contraction or quire sum (mm, bmm, addmm, dot, sum, the layer-norm affine
 sums, embedding backward, convolution weight and bias gradients) whose result has as
-many elements as one of the parameters being differentiated is a batch reduction. Sums
-over the batch that happen in B (the gradient of a non-parameter operand broadcast over
-the batch, such as a positional embedding's output) are not covered and stay per rank.
+many elements as one of the parameters being differentiated is a batch reduction. The
+same holds in B for the other *batch-free* operands (``engine.mode.is_batch_free``: not
+derived from a model input, e.g. a GPT's positional-embedding output ``wpe(arange(T))``,
+broadcast over the batch in ``tok + pos``): an op that mixes batch data with them
+computes their gradients in a pass of its own whose matching sums are reduced. An op whose
+operands are all batch-free (``wpe`` itself) reduces nothing: the gradient it receives is
+already the global one. Not covered (they stay per rank): a batch-free operand whose
+gradient is not a sum over the batch (say, scaled by a per-rank scalar such as a local
+mean), buffers and tensors made outside the model (counted as batch data, the safe side),
+and a converted positnn layer applied to a batch-free input.
 
 **Other quire modes.** With ``quire="none"``, ``"float32"``/``"float64"``, or a float G
 stage, there is no exact state to add: each rank rounds its share, the shares are
@@ -326,13 +333,21 @@ class ReducingStage:
         return batch_conv2d_weight_grad(self._stage, x, d, w_shape, stride, padding, dilation, groups)
 
 
-def gradient_stage(stage: Stage, params: Sequence[torch.Tensor]) -> Stage:
-    """The stage an engine op's parameter pass runs in: ``stage`` itself in a
-    single-process run, else a :class:`ReducingStage` for ``params``."""
+def splits_batch_free() -> bool:
+    """Whether engine ops compute batch-free operands' gradients in a pass of their own
+    (only a run over more than one rank needs to reduce them)."""
+    r = active()
+    return r is not None and r.world > 1
+
+
+def gradient_stage(stage: Stage, operands: Sequence[torch.Tensor]) -> Stage:
+    """The stage an engine op's pass for batch-free ``operands`` (its parameters in G,
+    other batch-free operands in B) runs in: ``stage`` itself in a single-process run,
+    else a :class:`ReducingStage` for their numbers of elements."""
     r = active()
     if r is None or r.world == 1:
         return stage
     if stage.native:
-        raise NotImplementedError("a distributed run reduces engine parameter gradients in a posit G stage; this "
-                                  "layer's G stage is float (torch's own autograd would skip the reduction)")
-    return ReducingStage(stage, {p.numel() for p in params})  # type: ignore[return-value]
+        raise NotImplementedError("a distributed run reduces engine gradients over the batch in a posit stage; this "
+                                  "layer's G or B stage is float (torch's own autograd would skip the reduction)")
+    return ReducingStage(stage, {t.numel() for t in operands})  # type: ignore[return-value]

@@ -8,6 +8,14 @@ Every ``eval_interval`` iterations it estimates the train and validation loss on
 the checkpoint (``torch.load(..., weights_only=True)`` safe, written atomically) holds
 every RNG state, so ``resume=True`` continues bit-identically. The corpus is
 ``positnn.data.text`` (tiny Shakespeare, split 90/10).
+
+Inside ``positnn.distributed.reducing(reducer)`` (``torchrun ... -m positnn train --model
+gpt``) every rank draws the same global batch of ``batch_size`` sequences and trains on
+its contiguous share of the rows; with ``lm_loss="positnn"`` (required there) the loss is
+positnn's cross entropy over the global batch, the engine reduces every gradient exactly
+over the ranks, and the gradients are the one-process ones on every rank, so the clipping
+norm computed from them is too. Rank 0 alone logs and writes the checkpoint and metrics,
+which do not depend on the world size: a run resumes on any number of processes.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import optim
+from . import distributed, optim
 from .convert import convert
 from .data.text import CharCorpus, load_text
 from .models import GPT
@@ -33,6 +41,7 @@ from .train import _atomic_save, _versions, check_field_types, write_metrics
 
 LM_METRICS = ("iter", "lr", "train_loss", "val_loss", "seconds")
 LM_CHECKPOINT = "checkpoint.pt"
+LM_LOSSES = ("torch", "positnn")
 
 
 @dataclass
@@ -55,6 +64,7 @@ class LMConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    lm_loss: str = "torch"  # "torch": F.cross_entropy in float32; "positnn": positnn's CE (any world size)
     eval_interval: int = 250
     eval_iters: int = 20
     seed: int = 1337
@@ -77,6 +87,8 @@ class LMConfig:
             raise ValueError("dropout, beta1 and beta2 must lie in [0, 1)")
         if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("warmup_iters, weight_decay and grad_clip must be >= 0 (grad_clip 0: no clipping)")
+        if self.lm_loss not in LM_LOSSES:
+            raise ValueError(f"lm_loss must be one of {', '.join(LM_LOSSES)}, got {self.lm_loss!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         self.resolved_policy()
@@ -135,19 +147,41 @@ def estimate_loss(model: torch.nn.Module, corpus: CharCorpus, config: LMConfig) 
     return out
 
 
-def _clip_into_O(model: torch.nn.Module, max_norm: float) -> None:
-    """torch's clipping, then each gradient back in its O format (the optimizer's inputs)."""
-    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+def _clip_into_O(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """torch's clipping, then each gradient back in its O format (the optimizer's inputs);
+    returns the total norm (from the already-reduced gradients: global, on every rank)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     with torch.no_grad():
         for p in model.parameters():
             lp = getattr(p, "posit_policy", None)
             if p.grad is not None and lp is not None and lp.optimizer is not None:
                 p.grad.copy_(lp.optimizer.round(p.grad, underflow=lp.underflow))
+    return norm
+
+
+def _loss_fn(config: LMConfig):
+    """The training loss of ``config.lm_loss`` on (B, T, V) logits and (B, T) targets."""
+    if config.lm_loss == "torch":
+        return lambda logits, y: F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    from .nn import CrossEntropyLoss
+
+    ce = CrossEntropyLoss(config.resolved_policy())
+    return lambda logits, y: ce(logits.flatten(0, 1), y.flatten())
 
 
 def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, progress: bool = True,
              log=print, stop_after: int | None = None) -> list[dict]:
     """Train the character GPT into the run directory ``out``; returns the evaluation rows."""
+    reducer = distributed.active()
+    lead = reducer is None or reducer.rank == 0
+    if reducer is not None and reducer.world > 1 and config.lm_loss != "positnn":
+        raise ValueError("--model gpt trains distributed with --lm-loss positnn only (torch's cross entropy "
+                         "averages over this rank's share of the batch)")
+    if reducer is not None and config.batch_size < reducer.world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the world size {reducer.world}: "
+                         f"every rank needs at least one sequence")
+    if not lead:
+        log, progress = (lambda _msg: None), False
     out = Path(out)
     ckpt_path = out / LM_CHECKPOINT
     if not resume and out.exists() and any(out.iterdir()):
@@ -179,9 +213,13 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
         history, start = ckpt["history"], ckpt["iter"]
         log(f"resuming {out} at iteration {start}")
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions(),
-                                                     "vocab": corpus.chars}, indent=2))
+        if reducer is not None:
+            reducer.barrier()  # every rank has checked ``out`` before rank 0 writes into it
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions(),
+                                                         "vocab": corpus.chars}, indent=2))
+    loss_fn = _loss_fn(config)
     t0, done = time.perf_counter(), 0
     bar = tqdm(range(start, config.max_iters), desc="iter", disable=not progress, dynamic_ncols=True,
                initial=start, total=config.max_iters)
@@ -192,20 +230,24 @@ def train_lm(config: LMConfig, out: str | os.PathLike, *, resume: bool = False, 
             losses = estimate_loss(model, corpus, config)
             history.append({"iter": it, "lr": config.lr_at(it), "train_loss": losses["train"], "val_loss": losses["val"],
                             "seconds": round(time.perf_counter() - t0, 2)})
-            write_metrics(out, history, LM_METRICS)
+            if lead:
+                write_metrics(out, history, LM_METRICS)
             log(f"iter {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         for group in opt.param_groups:
             group["lr"] = config.lr_at(it)
-        x, y = _batch(corpus.train, config, g)
+        x, y = _batch(corpus.train, config, g)  # the global batch, the same on every rank
+        if reducer is not None:
+            rows = distributed.shard(len(x), reducer.rank, reducer.world)
+            x, y = x[rows], y[rows]
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss = loss_fn(model(x), y)
         loss.backward()
         if config.grad_clip:
             _clip_into_O(model, config.grad_clip)
         opt.step()
         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         done += 1
-        if (it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters or stop_after == done:
+        if lead and ((it + 1) % config.eval_interval == 0 or it + 1 == config.max_iters or stop_after == done):
             _atomic_save({"iter": it + 1, "config": asdict(config), "history": history, "versions": _versions(),
                           "vocab": corpus.chars, "model": model.state_dict(), "optimizer": opt.state_dict(),
                           "batch_rng": g.get_state(), "torch_rng": torch.get_rng_state()}, ckpt_path)

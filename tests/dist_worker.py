@@ -3,6 +3,7 @@ environment variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     python tests/dist_worker.py lenet OUT DATA_DIR POLICY BATCH EPOCHS
     python tests/dist_worker.py gpt OUT POLICY STEPS
+    python tests/dist_worker.py gptlm OUT POLICY STEPS
 
 Each rank saves its own weights to OUT/rank{RANK}.pt, so a test can compare every rank
 with every other and with a one-process run.
@@ -44,6 +45,29 @@ def _gpt(policy: str, steps: int) -> dict[str, torch.Tensor]:
     return block.state_dict()
 
 
+def _gpt_lm(policy: str, steps: int) -> dict[str, torch.Tensor]:
+    """A whole tiny GPT (embeddings, a block, the tied head) through the engine, trained
+    ``steps`` steps with positnn's cross entropy on fixed random tokens, global batch 5."""
+    from positnn.models import gpt
+    from positnn.nn import CrossEntropyLoss
+
+    torch.manual_seed(0)
+    model = convert(gpt(11, block_size=8, n_layer=1, n_head=2, n_embd=8), policy)
+    g = torch.Generator().manual_seed(1)
+    x_all, y_all = torch.randint(0, 11, (25, 6), generator=g), torch.randint(0, 11, (25, 6), generator=g)
+    loss_fn = CrossEntropyLoss(policy)
+    opt = SGD(model.parameters(), lr=1 / 4, momentum=0.5)
+    r = distributed.active()
+    for step in range(steps):
+        idx = torch.arange((step * 5) % 25, (step * 5) % 25 + 5)
+        if r is not None:
+            idx = idx[distributed.shard(5, r.rank, r.world)]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x_all[idx]).flatten(0, 1), y_all[idx].flatten()).backward()
+        opt.step()
+    return model.state_dict()
+
+
 def main(argv: list[str]) -> int:
     kind, out = argv[0], Path(argv[1])
     torch.set_num_threads(1)
@@ -66,6 +90,8 @@ def main(argv: list[str]) -> int:
             T.build = keep
             train(cfg, out / "run", progress=False, log=lambda _m: None)
             state = holder["run"].model.state_dict()
+        elif kind == "gptlm":
+            state = _gpt_lm(argv[2], int(argv[3]))
         else:
             state = _gpt(argv[2], int(argv[3]))
     torch.save({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, out / f"rank{rank}.pt")

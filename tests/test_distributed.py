@@ -303,6 +303,12 @@ def test_gpt_block_through_the_engine_is_bit_identical_for_1_2_3_processes(tmp_p
     _check_world_invariance(tmp_path, "gpt", [POLICY, "20"])
 
 
+@pytest.mark.slow
+def test_whole_gpt_through_the_engine_is_bit_identical_for_1_2_3_processes(tmp_path):
+    # the position embedding's gradient is a batch sum in a B pass (the batch-free rule)
+    _check_world_invariance(tmp_path, "gptlm", [POLICY, "10"])
+
+
 def _cli(args: list[str], rank: int, world: int, port: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "positnn", "train", *args], env=_env(rank, world, port),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -409,6 +415,55 @@ def test_gpt_block_gradients_on_thread_ranks_equal_one_process():
         _assert_same(expected, grads, "GPT block")
 
 
+def _tiny_gpt():
+    from positnn import convert
+    from positnn.models import gpt
+
+    return convert(gpt(11, block_size=8, n_layer=1, n_head=2, n_embd=8), POLICY)
+
+
+def _lm_loss():
+    from positnn.nn import CrossEntropyLoss
+
+    ce = CrossEntropyLoss(POLICY)
+    return lambda logits, y: ce(logits.flatten(0, 1), y.flatten())
+
+
+def _lm_batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 11, (5, 6), generator=g), torch.randint(0, 11, (5, 6), generator=g)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_full_gpt_gradients_on_thread_ranks_equal_one_process(world):
+    # wpe(arange(T)) is batch-free: its gradient is a batch sum in the B pass of tok + pos
+    expected, ref_loss, results = _grads_on_ranks(_tiny_gpt, _lm_loss(), *_lm_batch(), world)
+    for loss, grads in results:
+        assert loss == ref_loss
+        _assert_same(expected, grads, f"GPT, world {world}")
+
+
+def test_full_gpt_without_the_batch_free_rule_differs_in_the_position_embedding(monkeypatch):
+    # the control: B passes left per rank, the position embedding's gradient is rank-local
+    monkeypatch.setattr(distributed, "splits_batch_free", lambda: False)
+    expected, _, results = _grads_on_ranks(_tiny_gpt, _lm_loss(), *_lm_batch(), 2)
+    for _, grads in results:
+        assert [n for n in expected if not torch.equal(expected[n], grads[n])] == ["wpe.weight"]
+
+
+def test_batch_free_tags_follow_parameters_and_constants_only():
+    from positnn.engine.mode import is_batch_free
+
+    model, seen = _tiny_gpt(), {}
+    model.wpe.register_forward_hook(lambda m, a, o: seen.update(pos=o, arange=a[0]))
+    model.wte.register_forward_hook(lambda m, a, o: seen.update(tok=o))
+    model(_lm_batch()[0])
+    assert is_batch_free(seen["arange"]) and is_batch_free(seen["pos"])
+    assert not is_batch_free(seen["tok"])
+    x = torch.zeros(3)
+    assert not is_batch_free(x)  # made outside the model: batch data
+
+
 def test_batchnorm_affine_gradients_on_thread_ranks_are_the_global_sums():
     fmt = Posit(8, 2)
     S = PositStage(fmt, round_operands=False)
@@ -445,3 +500,52 @@ def test_cli_refuses_bad_launch_options(capsys):
     with distributed.reducing(distributed.Reducer(0, 2)):
         assert main(["train", "--model", "gpt", "--dataset", "tinyshakespeare"]) == 2
     assert "--model gpt does not train distributed" in capsys.readouterr().err
+
+
+# -- the character GPT run (positnn.train_lm) on thread ranks and on processes -------------------
+TEXT_DIR = REPO / "tests" / "fixtures" / "tinytext"
+LM = dict(max_iters=3, batch_size=3, block_size=8, n_layer=1, n_head=2, n_embd=8, eval_interval=2, eval_iters=1,
+          data_dir=str(TEXT_DIR), threads=1, lm_loss="positnn", grad_clip=0.05, warmup_iters=0, lr=1e-2)
+
+
+def _lm_run(tmp_path: Path, name: str, world: int, monkeypatch) -> tuple[dict, list, list]:
+    """train_lm on ``world`` thread ranks (0: no reducer) into tmp_path/name: rank 0's
+    checkpoint, and each rank's final weights and clipping norms."""
+    import positnn.train_lm as L
+
+    models, norms = {}, {}
+    build, clip = L.build_lm, L._clip_into_O
+    monkeypatch.setattr(L, "build_lm", lambda c, v: models.setdefault(threading.get_ident(), build(c, v)))
+    monkeypatch.setattr(L, "_clip_into_O", lambda m, x: norms.setdefault(threading.get_ident(), []).append(clip(m, x))
+                        or norms[threading.get_ident()][-1])
+
+    def rank_fn(_r):
+        L.train_lm(L.LMConfig(**LM), tmp_path / name, progress=False, log=lambda _m: None)
+        me = threading.get_ident()
+        return models[me][0].state_dict(), [float(n) for n in norms[me]]
+
+    results = _on_ranks(world, rank_fn) if world else [rank_fn(0)]
+    return L.read_lm_checkpoint(tmp_path / name / "checkpoint.pt"), [s for s, _ in results], [n for _, n in results]
+
+
+def test_gpt_run_on_two_thread_ranks_equals_one_process_with_the_global_clipping_norm(tmp_path, monkeypatch):
+    one, (state1,), (norms1,) = _lm_run(tmp_path, "one", 0, monkeypatch)
+    two, states, norms = _lm_run(tmp_path, "two", 2, monkeypatch)
+    assert min(norms1) > LM["grad_clip"]  # clipping acted on every step
+    for r in range(2):
+        assert norms[r] == norms1  # the norm of the reduced gradients: the global one, on every rank
+        _assert_same(state1, states[r], f"rank {r}")
+    _assert_same(one["model"], two["model"], "checkpoint")
+    assert [h | {"seconds": 0} for h in one["history"]] == [h | {"seconds": 0} for h in two["history"]]
+
+
+def test_gpt_run_refuses_torch_loss_or_a_tiny_batch_when_distributed(tmp_path):
+    from positnn.train_lm import LMConfig, train_lm
+
+    with distributed.reducing(distributed.Reducer(0, 2)):
+        with pytest.raises(ValueError, match="--lm-loss positnn only"):
+            train_lm(LMConfig(**(LM | {"lm_loss": "torch"})), tmp_path / "a", progress=False)
+        with pytest.raises(ValueError, match="batch_size 1 is smaller than the world size 2"):
+            train_lm(LMConfig(**(LM | {"batch_size": 1})), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="lm_loss must be one of torch, positnn"):
+        LMConfig(lm_loss="mean")

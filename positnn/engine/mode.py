@@ -151,6 +151,7 @@ class _StagedOp(torch.autograd.Function):
         call.out_flat = out_flat
         ctx.call, ctx.inputs = call, inputs
         ctx.is_param = [isinstance(t, nn.Parameter) for t in tensors]
+        ctx.is_free = [is_batch_free(t) for t in tensors]
         ctx.mark_non_differentiable(*[r for r in results if not (r.dtype.is_floating_point or r.dtype.is_complex)])
         return tuple(results)
 
@@ -162,27 +163,63 @@ class _StagedOp(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(ctx.outs, grads) if o.requires_grad and g is not None]
         need = ctx.needs_input_grad[1:]
         result: list[torch.Tensor | None] = [None] * len(need)
-        wanted = {"backward": [i for i, n in enumerate(need) if n and not ctx.is_param[i]],
+        # In a distributed run, an op that mixes batch data with batch-free operands sums
+        # over the batch for those operands' gradients too (in B for a non-parameter, such
+        # as a positional embedding's output): that pass reduces over ranks. An op whose
+        # operands are all batch-free receives gradients that already are global values.
+        split = distributed.splits_batch_free() and not all(ctx.is_free)
+        wanted = {"backward": [i for i, n in enumerate(need) if n and not ctx.is_param[i]
+                               and not (split and ctx.is_free[i])],
+                  "reduced": [i for i, n in enumerate(need) if n and not ctx.is_param[i] and split and ctx.is_free[i]],
                   "gradient": [i for i, n in enumerate(need) if n and ctx.is_param[i]]}
         if pairs:
             outs, gos = [o for o, _ in pairs], [g for _, g in pairs]
-            for stage_name, idx in wanted.items():
-                if not idx:
-                    continue
-                stage = getattr(call, stage_name)
-                if stage_name == "gradient":  # batch reductions summed over ranks (positnn.distributed)
+            passes = [(name, idx) for name, idx in wanted.items() if idx]
+            for k, (name, idx) in enumerate(passes):
+                stage = call.gradient if name == "gradient" else call.backward
+                if name == "reduced" or (name == "gradient" and not all(ctx.is_free)):
+                    # batch reductions summed over ranks (positnn.distributed)
                     stage = distributed.gradient_stage(stage, [ctx.inputs[i] for i in idx])
-                last = stage_name == "gradient" or not wanted["gradient"]
                 with _dispatch(stage, call.path, call.engine):
-                    gs = torch.autograd.grad(outs, [ctx.inputs[i] for i in idx], gos, retain_graph=not last,
-                                             allow_unused=True)
-                if stage_name == "gradient":
+                    gs = torch.autograd.grad(outs, [ctx.inputs[i] for i in idx], gos,
+                                             retain_graph=k < len(passes) - 1, allow_unused=True)
+                if name == "gradient":
                     divisor = reduction.divisor()
                     gs = [g if g is None or divisor == 1 else stage.div(g, float(divisor)).to(g.dtype) for g in gs]
                 for i, g in zip(idx, gs):
                     result[i] = g
         ctx.outs = ctx.inputs = None  # the inner graph is spent
         return (None, *result)
+
+
+_FREE = "_positnn_batch_free"
+
+
+def is_batch_free(t: torch.Tensor) -> bool:
+    """Whether ``t`` derives from no model input: a parameter, or a result the engine saw
+    computed from parameters and constants only (``torch.arange(T)``, a positional
+    embedding's output). Model inputs, buffers and tensors made outside the engine count
+    as batch data, the safe side: a batch-free tensor's gradient is reduced over ranks."""
+    return isinstance(t, nn.Parameter) or bool(getattr(t, _FREE, False))
+
+
+def _mutates(func: Callable, kwargs: dict) -> bool:
+    name = _name(func)
+    return bool(kwargs.get("inplace")) or "out" in kwargs or name in _INPLACE_DUNDERS or name == "__setitem__" or \
+        (name.endswith("_") and not name.endswith("__") and not name.startswith("_"))
+
+
+def _mark(func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
+    """Tag ``out``'s tensors batch-free when every tensor argument is (a tensor written in
+    place by batch data loses the tag)."""
+    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    free = all(is_batch_free(t) for t in inputs)
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    if not free and inputs and _mutates(func, kwargs):
+        outs += [t for t in tree_flatten((args[:1], kwargs.get("out")))[0] if isinstance(t, torch.Tensor)]
+    for t in outs:
+        if not isinstance(t, nn.Parameter):
+            setattr(t, _FREE, free)
 
 
 def _stage_value(stage: Stage, t: torch.Tensor) -> torch.Tensor:
@@ -227,6 +264,11 @@ class Engine(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = self._run(func, types, args, kwargs)
+        _mark(func, args, kwargs, out)
+        return out
+
+    def _run(self, func, types, args, kwargs):
         if self.posit_depth or _name(func) in DIRECT_NAMES:
             return func(*args, **kwargs)
         path = self.paths[-1] if self.paths else ""
@@ -241,7 +283,7 @@ class Engine(TorchFunctionMode):
                 return func(*args, **kwargs)
         twin = _inplace_twin(func, kwargs)
         if twin is not None:  # out of place in posits, then written back, which autograd records
-            result = self.__torch_function__(twin[0], types, args, twin[1])
+            result = self._run(twin[0], types, args, twin[1])
             return args[0].copy_(result)
         # One tensor passed several times (q = k = v) is one input: the op's backward sums
         # its gradients in the stage, not autograd in float.
