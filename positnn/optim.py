@@ -72,7 +72,7 @@ class _PositOptimizer(Optimizer):
 def _record(p: torch.Tensor, O: Posit) -> None:
     stats = getattr(p, "posit_stats", None)
     if stats is not None:
-        stats.record("optimizer", p, O)
+        stats.record("optimizer", p, O, replicated=True)  # the same weights on every rank
 
 
 class SGD(_PositOptimizer):

@@ -9,6 +9,12 @@ read with :func:`counters` and cleared with :func:`reset`.
 On an accelerator (any device but the CPU) the counts accumulate in a small tensor on the
 tensor's device, with no host synchronisation per op; they are read back only when the
 counters are read (``as_dict``, ``counts``).
+
+In a data-parallel run (``positnn.distributed``) each rank counts its own events. The F, B
+and incoming-error values of a rank are its share of the batch, so their counts add up
+over ranks to one process's; the reduced parameter gradients (G), the O values and the
+loss value are the same on every rank, so they are recorded as *replicated* and counted
+once: :func:`global_total` gives one process's totals on every rank.
 """
 
 from __future__ import annotations
@@ -30,12 +36,14 @@ class LayerStats:
     """Event counters of one module: ``counts[stage][kind]`` with kind "nar" or
     "saturation" and stage one of the five policy stages."""
 
-    __slots__ = ("_counts", "_pending")
+    __slots__ = ("_counts", "_pending", "replicated")
 
     def __init__(self) -> None:
         self._counts: dict[str, dict[str, int]] = {}
         # stage -> int64 tensor [nar, saturation] on a device, not yet read back
         self._pending: dict[str, torch.Tensor] = {}
+        # the events of values every rank holds alike (also counted in the totals above)
+        self.replicated: LayerStats | None = None
 
     @property
     def counts(self) -> dict[str, dict[str, int]]:
@@ -55,14 +63,20 @@ class LayerStats:
     def _bucket(self, stage: str) -> dict[str, int]:
         return self._counts.setdefault(stage, {k: 0 for k in KINDS})
 
-    def record(self, stage: str, t: torch.Tensor, fmt: Posit | None) -> None:
-        """Count the NaR and saturated elements of ``t`` (values in ``fmt``) under ``stage``.
+    def record(self, stage: str, t: torch.Tensor, fmt: Posit | None, *, replicated: bool = False) -> None:
+        """Count the NaR and saturated elements of ``t`` (values in ``fmt``) under ``stage``;
+        ``replicated``: ``t`` is the same on every rank of a data-parallel run (counted
+        once over the ranks by :func:`global_total`).
 
         Two cheap reductions (max and min, which are NaN if any element is) in the common
         case where nothing is wrong; the counting pass only runs otherwise. (They measured
         20x faster than the infinity norm on CPU.)"""
         if fmt is None or t.numel() == 0:
             return
+        if replicated:
+            if self.replicated is None:
+                self.replicated = LayerStats()
+            self.replicated.record(stage, t, fmt)
         t = t.detach()
         if not _on_host(t):
             events = torch.stack([torch.isnan(t).sum(), (t.abs() >= fmt.maxpos).sum()])
@@ -77,9 +91,13 @@ class LayerStats:
         c["nar"] += nar
         c["saturation"] += sat
 
-    def add(self, stage: str, kind: str, n: int = 1) -> None:
+    def add(self, stage: str, kind: str, n: int = 1, *, replicated: bool = False) -> None:
         """Add ``n`` events of ``kind`` to ``stage`` directly (e.g. a NaR loss)."""
         self._bucket(stage)[kind] += n
+        if replicated:
+            if self.replicated is None:
+                self.replicated = LayerStats()
+            self.replicated.add(stage, kind, n)
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {stage: dict(c) for stage, c in self.counts.items()}
@@ -87,6 +105,7 @@ class LayerStats:
     def reset(self) -> None:
         self._counts.clear()
         self._pending.clear()
+        self.replicated = None
 
     def __repr__(self) -> str:
         return f"LayerStats({self.as_dict()})"
@@ -111,14 +130,29 @@ def counters(model: nn.Module, *, nonzero: bool = False) -> dict[str, dict[str, 
     return out
 
 
-def total(model: nn.Module) -> dict[str, int]:
-    """The sums over all layers and stages: {"nar": n, "saturation": m}."""
+def total(model: nn.Module, *, replicated: bool = False) -> dict[str, int]:
+    """The sums over all layers and stages: {"nar": n, "saturation": m} (``replicated``:
+    of the events of replicated values only)."""
     sums = {k: 0 for k in KINDS}
-    for stages in counters(model).values():
-        for c in stages.values():
-            for k in KINDS:
-                sums[k] += c[k]
+    for module in model.modules():
+        stats = getattr(module, "posit_stats", None)
+        if isinstance(stats, LayerStats):
+            stats = stats.replicated if replicated else stats
+            for c in (stats.counts.values() if stats is not None else ()):
+                for k in KINDS:
+                    sums[k] += c[k]
     return sums
+
+
+def global_total(model: nn.Module) -> dict[str, int]:
+    """:func:`total` over every rank of a data-parallel run, as one process counts it: the
+    per-rank events summed over the ranks (one all-reduce), the replicated ones once. Just
+    :func:`total` outside a run over several ranks."""
+    from . import distributed
+
+    mine, shared = total(model), total(model, replicated=True)
+    per_rank = distributed.global_counts(*(mine[k] - shared[k] for k in KINDS))
+    return {k: n + shared[k] for k, n in zip(KINDS, per_rank)}
 
 
 def float_ops(model: nn.Module) -> dict[str, int]:

@@ -359,9 +359,7 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     run.scheduler.step()
     seconds = time.perf_counter() - t0
-    counts = stats.total(model)
-    if reducer is not None:  # counted on every rank's share (replicated G/O values once per rank)
-        counts = dict(zip(counts, distributed.global_counts(*counts.values())))
+    counts = stats.global_total(model)  # per-rank events summed over ranks, replicated ones once
     # Every rank evaluates the whole test set on the same weights: equal, exact results.
     test = evaluate(model, run.test_set, cfg.test_batch_size, cfg.topk)
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1), "test_loss": test["loss"],

@@ -464,6 +464,31 @@ def test_batch_free_tags_follow_parameters_and_constants_only():
     assert not is_batch_free(x)  # made outside the model: batch data
 
 
+def test_event_counts_over_thread_ranks_are_one_process_counts():
+    # inputs of 1e7 saturate F (per-rank shares) and the reduced G sums (replicated)
+    from positnn import convert, stats
+    from positnn.models import lenet5
+    from positnn.nn import CrossEntropyLoss
+    from positnn.optim import SGD
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(11, 1, 28, 28, generator=g) * 1e7, torch.randint(0, 10, (11,), generator=g)
+
+    def run(s):
+        torch.manual_seed(0)
+        model = convert(lenet5(), POLICY)
+        CrossEntropyLoss(POLICY)(model(x[s]), y[s]).backward()
+        SGD(model.parameters(), lr=100.0).step()
+        return stats.global_total(model), stats.total(model), stats.total(model, replicated=True)
+
+    one, _, shared = run(slice(None))
+    assert shared["saturation"] > 0 and one["saturation"] > shared["saturation"]
+    results = _on_ranks(2, lambda r: run(distributed.shard(11, r, 2)))
+    for merged, _, rep in results:
+        assert merged == one and rep == shared  # replicated events once, per-rank ones summed
+    assert sum(t["saturation"] for _, t, _ in results) == one["saturation"] + shared["saturation"]
+
+
 def test_batchnorm_affine_gradients_on_thread_ranks_are_the_global_sums():
     fmt = Posit(8, 2)
     S = PositStage(fmt, round_operands=False)
@@ -499,7 +524,7 @@ def test_cli_refuses_bad_launch_options(capsys):
     assert "--nproc-per-node must be >= 1, got 0" in capsys.readouterr().err
     with distributed.reducing(distributed.Reducer(0, 2)):
         assert main(["train", "--model", "gpt", "--dataset", "tinyshakespeare"]) == 2
-    assert "--model gpt does not train distributed" in capsys.readouterr().err
+    assert "--model gpt trains distributed with --lm-loss positnn only" in capsys.readouterr().err
 
 
 # -- the character GPT run (positnn.train_lm) on thread ranks and on processes -------------------
@@ -549,3 +574,28 @@ def test_gpt_run_refuses_torch_loss_or_a_tiny_batch_when_distributed(tmp_path):
             train_lm(LMConfig(**(LM | {"batch_size": 1})), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="lm_loss must be one of torch, positnn"):
         LMConfig(lm_loss="mean")
+
+
+@pytest.mark.slow
+def test_gpt_cli_on_two_processes_equals_one_and_resumes_on_one(tmp_path):
+    from positnn.cli import main
+
+    common = ["--model", "gpt", "--dataset", "tinyshakespeare", "--data-dir", str(TEXT_DIR), "--batch-size", "3",
+              "--block-size", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "8", "--eval-interval", "2",
+              "--eval-iters", "1", "--threads", "1", "--lm-loss", "positnn", "--grad-clip", "0.05", "--lr", "0.01", "--warmup-iters", "0",
+              "--no-progress"]
+    port = _free_port()
+    procs = [_cli([*common, "--max-iters", "3", "--out", str(tmp_path / "two")], r, 2, port) for r in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "training gpt" in outs[0][0] and "training gpt" not in outs[1][0]  # rank 0 logs
+    assert main(["train", *common, "--max-iters", "3", "--out", str(tmp_path / "one3")]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one3", "two"))
+    _assert_same(a["model"], b["model"], "2 processes after 3 iterations")
+    _assert_same(a["optimizer"]["state"][0], b["optimizer"]["state"][0], "AdamW moments")
+    # one process continues the 2-process run as an uninterrupted one-process run goes on
+    assert main(["train", "--model", "gpt", "--out", str(tmp_path / "two"), "--resume", "--max-iters", "5",
+                 "--no-progress"]) == 0
+    assert main(["train", *common, "--max-iters", "5", "--out", str(tmp_path / "one5")]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("one5", "two"))
+    _assert_same(a["model"], b["model"], "resumed run")

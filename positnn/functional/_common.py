@@ -32,9 +32,9 @@ def ops(fmt: Posit | None) -> Stage:
     return stage(LayerPolicy(forward=fmt), "forward")
 
 
-def _record(stats: LayerStats | None, name: str, t: torch.Tensor | None, S: Stage) -> None:
+def _record(stats: LayerStats | None, name: str, t: torch.Tensor | None, S: Stage, replicated: bool = False) -> None:
     if stats is not None and t is not None:
-        stats.record(name, t, S.fmt)
+        stats.record(name, t, S.fmt, replicated=replicated)
 
 
 def _error_in(gy: torch.Tensor, S: Stage, stats: LayerStats | None, name: str) -> torch.Tensor:
@@ -73,7 +73,8 @@ def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor:
         return [None] * len(wanted)
     G, O = stage(lp, "gradient"), stage(lp, "optimizer")
     flat = torch.cat([g.reshape(-1) for g, _ in parts]) if len(parts) > 1 else parts[0][0].reshape(-1)
-    _record(stats, "gradient", flat, G)  # the quire results, before the division shrinks them
+    # the quire results, before the division shrinks them: reduced over ranks, so replicated
+    _record(stats, "gradient", flat, G, replicated=True)
     if divisor != 1:
         # The divisor as a G value, as PositNN's StdTensor /= T(batch_size).
         flat = G.div(flat, G.constant(float(divisor)))
@@ -93,7 +94,7 @@ def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor:
                 p.grad = g_o.view(p.shape).clone()
             else:
                 p.grad.copy_(O.add(p.grad, g_g.view(p.shape)))
-        _record(stats, "optimizer", p.grad, O)
+        _record(stats, "optimizer", p.grad, O, replicated=True)
         out.append(None)
     return _spread(out, wanted)
 

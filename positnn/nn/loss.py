@@ -36,12 +36,12 @@ class _Loss(PositModule):
 
     def _check(self, loss: torch.Tensor) -> torch.Tensor:
         self.batch += 1
-        self.posit_stats.record("loss", loss, self.policy.loss)
+        self.posit_stats.record("loss", loss, self.policy.loss, replicated=True)  # the global batch's value
         if torch.isnan(loss).any():
             msg = (f"NaR in the loss at batch {self.batch} (call {self.batch} of this {type(self).__name__}); "
                    f"see positnn.stats.counters(model) for where NaR and saturation appeared")
             if self.policy.loss is None:
-                self.posit_stats.add("loss", "nar")  # record() counts posit stages only
+                self.posit_stats.add("loss", "nar", replicated=True)  # record() counts posit stages only
             if self.on_nar == "raise":
                 raise FloatingPointError(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
