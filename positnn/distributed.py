@@ -261,21 +261,44 @@ def batch_matmul(S: Stage, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return quire.round_quire(q, nar, S.underflow).to(a.device)
 
 
+def batch_matmuls(S: Stage, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """:func:`batch_matmul` of every ``(a, b)`` pair, with one limb all-reduce for all of
+    them in an exact stage (their quire rows travel together: the same sums, fewer calls)."""
+    r = active()
+    if r is None or r.world == 1 or not _exact(S) or len(pairs) < 2:
+        return [batch_matmul(S, a, b) for a, b in pairs]
+    parts = [quire.matmul_quire(_operand(S, a), _operand(S, b), S.fmt) for a, b in pairs]
+    both = quire.Quire(S.fmt, (sum(q.limbs.shape[0] for q, _ in parts),))
+    both.limbs = torch.cat([q.limbs for q, _ in parts])
+    both, nar = all_reduce_quire(both, torch.cat([n.reshape(-1) for _, n in parts]), r)
+    out, row = [], 0
+    for (q, n), (a, _) in zip(parts, pairs):
+        rows = q.limbs.shape[0]
+        q.limbs = both.limbs[row:row + rows]
+        out.append(quire.round_quire(q, nar[row:row + rows].view(n.shape), S.underflow).to(a.device))
+        row += rows
+    return out
+
+
+def _sum_operands(x: torch.Tensor, dim, keepdim: bool):
+    """``x`` summed over ``dim`` as a GEMM with a column of ones: (flat, ones, out shape)."""
+    dims = list(range(x.dim())) if dim is None or (isinstance(dim, Sequence) and not len(dim)) else \
+        sorted(d % max(x.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim))
+    rest = [d for d in range(x.dim()) if d not in dims]
+    k = math.prod(x.shape[d] for d in dims)
+    flat = x.permute(*rest, *dims).reshape(-1, k)
+    shape = [1 if d in dims else x.shape[d] for d in range(x.dim())] if keepdim else [x.shape[d] for d in rest]
+    return flat, flat.new_ones(k, 1), shape
+
+
 def batch_sum(S: Stage, x: torch.Tensor, dim: int | Sequence[int] | None = None, keepdim: bool = False) -> torch.Tensor:
     """``S.sum(x, dim, keepdim)`` over this rank's share of the batch, summed over ranks."""
     r = active()
     if r is None or r.world == 1 or not _exact(S):
         y = S.sum(x, dim, keepdim)
         return y if r is None or r.world == 1 else _rank_order_sum(S, y, r)
-    dims = list(range(x.dim())) if dim is None or (isinstance(dim, Sequence) and not len(dim)) else \
-        sorted(d % max(x.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim))
-    rest = [d for d in range(x.dim()) if d not in dims]
-    k = math.prod(x.shape[d] for d in dims)
-    flat = x.permute(*rest, *dims).reshape(-1, k)
-    out = batch_matmul(S, flat, flat.new_ones(k, 1)).reshape([x.shape[d] for d in rest])
-    if keepdim:
-        out = out.reshape([1 if d in dims else x.shape[d] for d in range(x.dim())])
-    return out
+    flat, ones, shape = _sum_operands(x, dim, keepdim)
+    return batch_matmul(S, flat, ones).reshape(shape)
 
 
 def batch_conv2d_weight_grad(S: Stage, x: torch.Tensor, d: torch.Tensor, w_shape, stride, padding, dilation,
@@ -287,6 +310,12 @@ def batch_conv2d_weight_grad(S: Stage, x: torch.Tensor, d: torch.Tensor, w_shape
         return S.conv2d_weight_grad(x, d, w_shape, stride, padding, dilation, groups)
     if not _exact(S):
         return _rank_order_sum(S, S.conv2d_weight_grad(x, d, w_shape, stride, padding, dilation, groups), r)
+    return batch_matmul(S, *_conv_weight_operands(S, x, d, w_shape, stride, padding, dilation, groups)) \
+        .reshape(tuple(w_shape))
+
+
+def _conv_weight_operands(S: Stage, x, d, w_shape, stride, padding, dilation, groups):
+    """The conv weight gradient as a batched GEMM over the unfolded input: (d3, cols)."""
     x, d = _operand(S, x), _operand(S, d)
     n, co, ho, wo = d.shape
     _, cg, kh, kw = w_shape
@@ -294,7 +323,24 @@ def batch_conv2d_weight_grad(S: Stage, x: torch.Tensor, d: torch.Tensor, w_shape
     k = cols.shape[1] // groups
     cols = cols.reshape(n, groups, k, ho * wo).permute(1, 0, 3, 2).reshape(groups, n * ho * wo, k)
     d3 = d.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
-    return batch_matmul(S, d3, cols).reshape(tuple(w_shape))
+    return d3, cols
+
+
+def batch_conv2d_grads(S: Stage, x: torch.Tensor, d: torch.Tensor, w_shape, stride, padding, dilation,
+                       groups) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conv weight gradient and the bias gradient (the batch sum of the per-sample
+    sums ``S.sum(d, (2, 3))``, which stay per rank as PositNN rounds them), summed over
+    ranks in one limb all-reduce; the same values as :func:`batch_conv2d_weight_grad` and
+    :func:`batch_sum` apart."""
+    per_sample = S.sum(d, (2, 3))
+    r = active()
+    if r is None or r.world == 1 or not _exact(S):
+        return (batch_conv2d_weight_grad(S, x, d, w_shape, stride, padding, dilation, groups),
+                batch_sum(S, per_sample, 0))
+    flat, ones, shape = _sum_operands(per_sample, 0, False)
+    gw, gb = batch_matmuls(S, [_conv_weight_operands(S, x, d, w_shape, stride, padding, dilation, groups),
+                               (flat, ones)])
+    return gw.reshape(tuple(w_shape)), gb.reshape(shape)
 
 
 class ReducingStage:

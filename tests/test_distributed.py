@@ -192,6 +192,28 @@ def test_batch_sum_and_conv_weight_gradient_equal_one_process():
         assert torch.equal(total, S.sum(v, 1))
 
 
+def test_conv_weight_and_bias_gradients_share_one_limb_all_reduce():
+    fmt = Posit(8, 2)
+    S = PositStage(fmt, round_operands=False)
+    g = torch.Generator().manual_seed(4)
+    x, d = fmt.round(torch.randn(7, 3, 9, 9, generator=g)), fmt.round(torch.randn(7, 4, 7, 7, generator=g))
+    d[2, 1, 3, 3] = float("nan")  # a NaR reaches one weight row and one bias
+    geo = ((1, 1), (0, 0), (1, 1), 1)
+
+    def rank_fn(r):
+        s = _shares(7, 3)[r]
+        red = distributed.active()
+        before = red.calls
+        gw, gb = distributed.batch_conv2d_grads(S, x[s], d[s], (4, 3, 3, 3), *geo)
+        return gw, gb, red.calls - before
+
+    for gw, gb, calls in _on_ranks(3, rank_fn):
+        assert torch.equal(gw.nan_to_num(7.0), S.conv2d_weight_grad(x, d, (4, 3, 3, 3), *geo).nan_to_num(7.0))
+        assert torch.equal(gb.nan_to_num(7.0), S.sum(S.sum(d, (2, 3)), 0).nan_to_num(7.0))
+        assert gb.isnan().sum() == 1
+        assert calls == 3  # the column range, the limbs, the NaR marks: for both tensors together
+
+
 def test_quire_none_adds_rounded_shares_in_rank_order():
     fmt = Posit(8, 2)
     S = PositStage(fmt, quire="none", round_operands=False)
@@ -452,6 +474,7 @@ def test_full_gpt_without_the_batch_free_rule_differs_in_the_position_embedding(
 
 
 def test_batch_free_tags_follow_parameters_and_constants_only():
+    from positnn import convert
     from positnn.engine.mode import is_batch_free
 
     model, seen = _tiny_gpt(), {}
@@ -462,6 +485,20 @@ def test_batch_free_tags_follow_parameters_and_constants_only():
     assert not is_batch_free(seen["tok"])
     x = torch.zeros(3)
     assert not is_batch_free(x)  # made outside the model: batch data
+
+    class Mix(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            y = self.w * 2
+            tags = [is_batch_free(y), is_batch_free(y.view(3, 1))]
+            y.add_(x)  # written in place with batch data: no longer batch-free
+            return y, tags + [is_batch_free(y)]
+
+    _, tags = convert(Mix(), POLICY)(torch.ones(3))
+    assert tags == [True, True, False]
 
 
 def test_event_counts_over_thread_ranks_are_one_process_counts():

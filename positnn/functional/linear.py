@@ -104,10 +104,12 @@ class _Conv2d(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             d_g = d_b if (d_b is not None and G == B) else _error_in(gy, G, stats, "gradient")
             div = reduction.divisor()
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[1] and ctx.needs_input_grad[2]:  # both in one reduction over ranks
+                gw, gb = distributed.batch_conv2d_grads(G, x_g, d_g, ctx.weight.shape, *ctx.geometry)
+            elif ctx.needs_input_grad[1]:
                 # dL/dW: one G quire per weight over all N * Hout * Wout positions.
                 gw = distributed.batch_conv2d_weight_grad(G, x_g, d_g, ctx.weight.shape, *ctx.geometry)
-            if ctx.needs_input_grad[2]:
+            elif ctx.needs_input_grad[2]:
                 # As PositNN (Conv2d::gradient): each sample's sum over (Hout, Wout) rounded
                 # to G, then the sum over the batch rounded again.
                 # The batch sum is summed over ranks in a distributed run.
