@@ -11,6 +11,10 @@ the factor the loss announced (``positnn.reduction``), as the paper's layers do.
 :class:`StageDispatch` is the ``TorchDispatchMode`` that gives each aten op its meaning
 in one stage (``aten_ops``). Layers that ``convert`` swapped for positnn modules run their
 own exact autograd functions, untouched by either mode.
+
+The function mode also tags the tensors it sees computed from parameters and constants
+only as *batch-free* (:func:`is_batch_free`), which a distributed run needs to tell a sum
+over the batch in a B pass (``positnn.distributed``).
 """
 
 from __future__ import annotations
