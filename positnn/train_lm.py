@@ -15,7 +15,8 @@ its contiguous share of the rows; with ``lm_loss="positnn"`` (required there) th
 positnn's cross entropy over the global batch, the engine reduces every gradient exactly
 over the ranks, and the gradients are the one-process ones on every rank, so the clipping
 norm computed from them is too. Rank 0 alone logs and writes the checkpoint and metrics,
-which do not depend on the world size: a run resumes on any number of processes.
+which do not depend on the world size: a run resumes on any number of processes. With
+``dropout > 0`` each rank draws its own masks, so such a run depends on the world size.
 """
 
 from __future__ import annotations
