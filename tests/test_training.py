@@ -1,7 +1,7 @@
 """Short training runs (slow): LeNet-5 on 5,000 MNIST images for 2 epochs.
 
-posit8-O16-L16q must land within 2 points of float32 from the same initial weights and
-batch order (mean over five seeds); posit(8,2) everywhere without a quire collapses, as
+posit8-O16-L16q must reach float32's accuracy (no more than 2 points below it, mean over
+five seeds) from the same initial weights and batch order; posit(8,2) everywhere without a quire collapses, as
 the paper reports.
 Run with ``pytest -m slow tests/test_training.py``.
 """
@@ -89,7 +89,9 @@ def _mean(xs):
 def test_posit8_O16_L16q_matches_float32(runs):
     acc_float, acc_posit = _mean(runs["float32"]), _mean(runs["posit8-O16-L16q"])
     assert acc_float > 75.0, runs
-    assert abs(acc_posit - acc_float) <= 2.0, runs
+    # One-sided, as the paper's claim is: after 158 steps float32 itself swings by +-5 points
+    # from seed to seed (seed 0: 59.6%), so the posit mean may well land above it.
+    assert acc_posit >= acc_float - 2.0, runs
     assert runs["nar"] == [0]
 
 
