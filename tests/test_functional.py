@@ -3,12 +3,17 @@ bit-exact against reference compositions of positnn.quire and Posit calls writte
 here, with the linear maps taken from torch's float64 Jacobians (exact: every entry is a
 single weight, input value or 0/1)."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import positnn.functional as PF
+import positnn.nn as pnn
 from positnn import Posit, quire, reduction
+from posit_reference import fam_universal, round_exact
 from positnn.policy import LayerPolicy
 from positnn.stats import LayerStats
 
@@ -313,6 +318,10 @@ def test_cross_entropy_and_log_softmax_bit_exact():
         assert torch.equal(loss, L.div(quire.sum(per, 0, L), 6.0))
         loss.backward()
         sm = L.div(e, s)
+        g = sm.scatter(1, t[:, None], L.fam(e.gather(1, t[:, None]), -s, L.div(1.0, s)))
+        assert torch.equal(x.grad.to(L.dtype), g if reduction == "positnn" else L.mul(g, 1 / 6))
+        x.grad = None
+        PF.cross_entropy(x, t, lp, target_grad="divide").backward()
         g = sm.scatter(1, t[:, None], L.sub(sm.gather(1, t[:, None]), 1.0))
         assert torch.equal(x.grad.to(L.dtype), g if reduction == "positnn" else L.mul(g, 1 / 6))
     lp = LayerPolicy(loss=P12)
@@ -321,6 +330,47 @@ def test_cross_entropy_and_log_softmax_bit_exact():
     xl = P12.round(x.detach())
     z = P12.sub(xl, xl.amax(1, keepdim=True))
     assert torch.equal(y, P12.sub(z, P12.log(quire.sum(P12.exp(z), 1, P12, keepdim=True))))
+
+
+def _ce_grad_oracle(x, t, n, es, target_grad):
+    """softmax - onehot of PositNN's cross entropy in posit(n, es), from Fractions: z =
+    x - max, e = exp(z) (float64, rounded), s = the exact sum rounded, e_k / s rounded, and
+    for the target fam_universal(e_t, -s, round(1/s)) or round(round(e_t / s) - 1)."""
+    out = []
+    for row, k in zip(x.tolist(), t.tolist()):
+        xl = [round_exact(Fraction(v), n, es) for v in row]
+        z = [round_exact(v - max(xl), n, es) for v in xl]
+        e = [round_exact(Fraction(math.exp(float(v))), n, es) for v in z]
+        s = round_exact(sum(e), n, es)
+        g = [round_exact(v / s, n, es) for v in e]
+        g[k] = (fam_universal(e[k], -s, round_exact(1 / s, n, es), n, es) if target_grad == "fam"
+                else round_exact(g[k] - 1, n, es))
+        out.append([float(v) for v in g])
+    return torch.tensor(out, dtype=F64)
+
+
+def test_cross_entropy_target_gradient_is_positnn_fam():
+    """The target-class gradient is PositNN's (e_t - s) * (1/s) with one rounding, not
+    round(e_t / s) - 1: row 0 in posit(8,2) is a confident right answer (e = [1, 0.140625],
+    s = 1.125) where the two differ (-0.109375 against -0.125); the other rows are random."""
+    p8 = Posit(8, 2)
+    lp = LayerPolicy(loss=p8, grad_reduction="positnn")
+    x = torch.cat([torch.tensor([[0.0, -2.0, -30.0, -30.0]], dtype=F64), torch.randn(40, 4, dtype=F64) * 3])
+    t = torch.cat([torch.tensor([0]), torch.randint(0, 4, (40,))])
+    fam, divide = _ce_grad_oracle(x, t, 8, 2, "fam"), _ce_grad_oracle(x, t, 8, 2, "divide")
+    assert fam[0, 0].item() == -0.109375 and divide[0, 0].item() == -0.125
+    for target_grad, expected in (("fam", fam), ("divide", divide)):
+        xr = x.clone().requires_grad_(True)
+        PF.cross_entropy(xr, t, lp, target_grad=target_grad).backward()
+        assert torch.equal(xr.grad.double(), expected), target_grad
+    crit = pnn.CrossEntropyLoss(lp)
+    xr = x.clone().requires_grad_(True)
+    crit(xr, t).backward()
+    assert torch.equal(xr.grad.double(), fam)
+    with pytest.raises(ValueError, match="target_grad must be one of"):
+        PF.cross_entropy(x, t, lp, target_grad="exact")
+    with pytest.raises(ValueError, match="target_grad must be one of"):
+        pnn.CrossEntropyLoss(lp, target_grad="fma")
 
 
 def test_mse_loss_bit_exact():
