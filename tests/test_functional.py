@@ -144,8 +144,42 @@ def test_conv2d_bit_exact(stride, padding, dilation, groups):
     j_w = jacobian(lambda t: TF.conv2d(x_g.double(), t, None, *geo), w.detach())
     gw = quire.matmul(G.round(gy).reshape(1, -1), j_w, G).reshape(w.shape)
     assert torch.equal(w.grad, _reference_param_grad(gw, 2, lp))
-    gb = quire.sum(G.round(gy).transpose(0, 1).reshape(6, -1), 1, G)
+    # Bias gradient as PositNN's: each sample's positions in a G quire, then the batch.
+    per_sample = quire.sum(G.round(gy).reshape(2, 6, -1), 2, G)
+    gb = quire.sum(per_sample, 0, G)
     assert torch.equal(b.grad, _reference_param_grad(gb, 2, lp))
+
+
+def test_conv2d_bias_gradient_rounds_per_sample_then_batch():
+    """The bias gradient's two roundings are PositNN's, and they are not one quire's: with
+    G = posit(8,2) and 16 samples the two differ (checked against the reference above)."""
+    lp = LayerPolicy(forward=P8, backward=P8, gradient=P8, optimizer=P16, loss=P16, grad_reduction="positnn")
+    x = torch.randn(16, 3, 6, 6, dtype=F64)
+    b = as_param(P16, torch.randn(5) * 0.1)
+    w = as_param(P16, torch.randn(5, 3, 3, 3) * 0.3)
+    y = PF.conv2d(x, w, b, 1, 0, 1, 1, lp)
+    gy = posit_randn(P8, *y.shape)
+    from_positnn_loss(y, 16).backward(gy)
+    d = P8.round(gy)
+    two = P8.div(quire.sum(quire.sum(d.reshape(16, 5, -1), 2, P8), 0, P8), 16.0)
+    one = P8.div(quire.sum(d.transpose(0, 1).reshape(5, -1), 1, P8), 16.0)
+    assert torch.equal(b.grad, P16.round(two))
+    assert not torch.equal(two, one)
+
+
+def test_gradient_divisor_is_a_G_value():
+    """PositNN divides by the batch size as a G posit (StdTensor /= T(n)): in posit(5,2)
+    32 is not a value and rounds to 16 (a tie between 16 and 64, to the even pattern)."""
+    p5 = Posit(5, 2)
+    assert p5.round(torch.tensor([32.0])).item() == 16.0
+    lp = LayerPolicy(forward=p5, backward=p5, gradient=p5, optimizer=P16, loss=P16, grad_reduction="positnn")
+    x = p5.round(torch.randn(32, 4, dtype=F64))
+    w = as_param(P16, torch.randn(3, 4) * 0.5)
+    gy = p5.round(torch.randn(32, 3, dtype=F64))
+    from_positnn_loss(PF.linear(x, w, None, lp), 32).backward(gy)
+    g = quire.matmul(gy.T, x, p5)
+    assert torch.equal(w.grad, P16.round(p5.div(g, 16.0)))
+    assert not torch.equal(w.grad, P16.round(p5.div(g, 32.0)))
 
 
 def test_param_grad_accumulates_in_O_with_one_rounding():
