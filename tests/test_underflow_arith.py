@@ -16,7 +16,7 @@ from positnn.stage import Stage
 from posit_reference import Table, decode_pattern
 
 F64 = torch.float64
-FORMATS = [(5, 2), (6, 1), (8, 2), (8, 0)]
+FORMATS = [(5, 2), (6, 1), (8, 2), (7, 0)]
 
 
 def _values(n, es):
