@@ -177,6 +177,10 @@ class PositStage(Stage):
         """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
         return self.fmt.fam(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
 
+    def fam(self, a, b, c):
+        """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
+        return self.fmt.fam(self._r(a), self._r(b), self._r(c))
+
     def sqrt(self, a):
         return self.fmt.sqrt(self._r(a), underflow=self.underflow)
 
