@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import backends
 from .backends import backend_for
 
 MIN_NBITS, MAX_NBITS = 2, 32
@@ -260,14 +261,19 @@ class Posit:
     def _arith(self, op: str, underflow: bool, *operands: TensorLike) -> torch.Tensor:
         """Backend op ``op`` on the broadcast operands, the result on the device of the
         first operand that is not a scalar (Python numbers become float64 scalars). The
-        flag reaches the backend only when set, so backends without it keep working."""
+        underflow flag reaches a backend only when set, and only one that declares
+        ``ARITH_UNDERFLOW`` (others keep their signature; numba runs those ops)."""
         check_rounding_options("nearest", underflow)
         tensors = [_as_tensor(t) for t in operands]
         device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
         if len(tensors) > 1:
             tensors = torch.broadcast_tensors(*tensors)
-        flags = {"underflow": True} if underflow else {}
-        return getattr(backend_for(device), op)(*tensors, self, device, **flags)
+        backend, flags = backend_for(device), {}
+        if underflow:
+            flags["underflow"] = True
+            if not getattr(backend, "ARITH_UNDERFLOW", False):  # e.g. Triton's: numba's takes it, via the host
+                backend = backends.get("numba")
+        return getattr(backend, op)(*tensors, self, device, **flags)
 
 
 def check_rounding_options(rounding: str = "nearest", underflow: bool = False) -> None:

@@ -109,3 +109,22 @@ def test_optimizer_momentum_flushes_under_underflow():
             opt.step()
         buf = opt.state[w]["momentum_buffer"].item()
         assert buf == (0.0 if underflow else p8.minpos), (underflow, buf)
+
+
+def test_a_backend_without_the_flag_keeps_its_signature(monkeypatch):
+    """A backend that does not declare ARITH_UNDERFLOW (Triton's) is called as before, and
+    an op with the flag set runs in numba's kernels instead (host memory)."""
+    from positnn import backends
+
+    class NoFlag:
+        NAME = "noflag"
+
+        def add(self, a, b, fmt, device):
+            return torch.full(a.shape, 7.0, dtype=fmt.dtype)
+
+    monkeypatch.setattr(backends, "_backends", dict(backends._backends, noflag=NoFlag()))
+    monkeypatch.setattr(backends, "_by_device", dict(backends._by_device, cpu="noflag"))
+    p5 = Posit(5, 2)
+    x = torch.tensor([2.0**-12])
+    assert p5.add(x, x).item() == 7.0
+    assert p5.add(x, -x * 0.9375, underflow=True).item() == 0.0  # 2^-16: the threshold, flushed

@@ -89,6 +89,9 @@ def decode(bits: torch.Tensor, fmt: Posit) -> torch.Tensor:
 
 # Correctly rounded arithmetic on float64 copies of the operands; ``underflow`` flushes
 # results of magnitude <= minpos / useed to 0, as ``round_nearest`` does.
+ARITH_UNDERFLOW = True
+
+
 def add(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device, underflow: bool = False) -> torch.Tensor:
     return _run(arith.add, (a, b), fmt, device, underflow)
 
