@@ -246,7 +246,7 @@ def _cmd_reproduce(args) -> int:
     overrides = {k: v for k, v in (("epochs", args.epochs), ("subset", args.subset), ("data_dir", args.data_dir)) if v is not None}
     if args.datasets and args.table == "table7":
         overrides["datasets"] = args.datasets
-    print(reproduce(args.table, args.out, jobs=args.jobs, **overrides))
+    print(reproduce(args.table, args.out, jobs=args.jobs, threads=args.threads, **overrides))
     return 0
 
 
@@ -302,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("table", help="table4, table7, or a .toml file of [runs.NAME] configs")
     p.add_argument("--out", default="results")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes")
+    p.add_argument("--threads", type=int, help="threads per run (default: the CPUs shared among the jobs)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--subset", type=int)
     p.add_argument("--datasets", nargs="+", help="table7 only (default: mnist fashion-mnist)")

@@ -34,11 +34,11 @@ def _round_to_odd(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.copysign(torch.where(m == even, even, even + 1.0), x)
 
 
-def fam(a: TensorLike, b: TensorLike, c: TensorLike, fmt: Posit) -> torch.Tensor:
+def fam(a: TensorLike, b: TensorLike, c: TensorLike, fmt: Posit, *, underflow: bool = False) -> torch.Tensor:
     """(a + b) * c for posit values of ``fmt``, as PositNN's ``fam_corrected``: the sum
     aligned with a sticky bit two places below the larger operand's last fraction bit
     (round-to-odd onto that grid, then an exact add), the product exact, one rounding to
-    nearest (no underflow flush, as the other element-wise ops). Operands broadcast; the
+    nearest (``underflow`` flushes as ``Posit.round`` does). Operands broadcast; the
     result has ``fmt.dtype``. Exactly (a + b) * c rounded once whenever a + b is exact on
     the grid, as it is for the target class of a cross entropy whose target is the argmax."""
     a, b, c = (torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.double()
@@ -52,7 +52,7 @@ def fam(a: TensorLike, b: TensorLike, c: TensorLike, fmt: Posit) -> torch.Tensor
     shift = fbits + 3 - top  # grid unit 2**(top - fbits - 3)
     units = _round_to_odd(a1, shift) + _round_to_odd(b1, shift)
     total = torch.ldexp(units, -shift)
-    out = fmt.mul(total, c)
+    out = fmt.mul(total, c, underflow=underflow)
     nar = a.isnan() | b.isnan() | c.isnan()
     zero = ((units == 0) | ((a == 0) & (b == 0)) | (c == 0)) & ~nar
     return torch.where(zero, torch.zeros((), dtype=out.dtype), out)

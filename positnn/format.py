@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import backends
 from .backends import backend_for
 
 MIN_NBITS, MAX_NBITS = 2, 32
@@ -188,29 +189,38 @@ class Posit:
         return backend_for(bits.device).decode(bits, self)
 
     # -- correctly rounded arithmetic -------------------------------------------------------
-    def add(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    # ``underflow=True`` flushes a result of magnitude <= minpos / useed to 0, as ``round``
+    # does: PositNN's option applies to every rounding, arithmetic results included.
+    def add(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a + b, computed exactly and rounded once."""
-        return self._arith("add", a, b)
+        return self._arith("add", underflow, a, b)
 
-    def sub(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def sub(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a - b, computed exactly and rounded once."""
-        return self._arith("add", a, -_as_tensor(b))
+        return self._arith("add", underflow, a, -_as_tensor(b))
 
-    def mul(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def mul(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a * b, computed exactly and rounded once."""
-        return self._arith("mul", a, b)
+        return self._arith("mul", underflow, a, b)
 
-    def div(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def div(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a / b, correctly rounded; division by zero gives NaR."""
-        return self._arith("div", a, b)
+        return self._arith("div", underflow, a, b)
 
-    def sqrt(self, a: TensorLike) -> torch.Tensor:
+    def sqrt(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """Square root, correctly rounded; negative inputs give NaR."""
-        return self._arith("sqrt", a)
+        return self._arith("sqrt", underflow, a)
 
-    def fma(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
+    def fma(self, a: TensorLike, b: TensorLike, c: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a * b + c with a single rounding."""
-        return self._arith("fma", a, b, c)
+        return self._arith("fma", underflow, a, b, c)
+
+    def fam(self, a: TensorLike, b: TensorLike, c: TensorLike, *, underflow: bool = False) -> torch.Tensor:
+        """(a + b) * c as PositNN's ``fam_corrected``: the sum aligned with a sticky bit,
+        the product exact, one rounding (see :mod:`positnn.fam`)."""
+        from .fam import fam  # positnn.fam builds on this class
+
+        return fam(a, b, c, self, underflow=underflow)
 
     def fam(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
         """(a + b) * c as PositNN's ``fam_corrected``: the sum aligned with a sticky bit,
@@ -228,33 +238,42 @@ class Posit:
         return self.round(_as_tensor(a).abs())
 
     # Faithful, not correctly rounded: evaluated in float64, then rounded once (as PositNN).
-    def exp(self, a: TensorLike) -> torch.Tensor:
+    def exp(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """exp(a) evaluated in float64, then rounded: faithful, not correctly rounded."""
-        return self._via_float64(_positive(torch.exp), a)
+        return self._via_float64(_positive(torch.exp), a, underflow)
 
-    def log(self, a: TensorLike) -> torch.Tensor:
+    def log(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """log(a) evaluated in float64, then rounded (log(0) is NaR): faithful."""
-        return self._via_float64(lambda t: torch.where(t == 0, torch.nan, torch.log(t)), a)
+        return self._via_float64(lambda t: torch.where(t == 0, torch.nan, torch.log(t)), a, underflow)
 
-    def sigmoid(self, a: TensorLike) -> torch.Tensor:
+    def sigmoid(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """sigmoid(a) evaluated in float64, then rounded: faithful."""
-        return self._via_float64(_positive(torch.sigmoid), a)
+        return self._via_float64(_positive(torch.sigmoid), a, underflow)
 
-    def tanh(self, a: TensorLike) -> torch.Tensor:
+    def tanh(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """tanh(a) evaluated in float64, then rounded: faithful."""
-        return self._via_float64(torch.tanh, a)
+        return self._via_float64(torch.tanh, a, underflow)
 
-    def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike) -> torch.Tensor:
-        return self.round(fn(_as_tensor(a).double()))
+    def _via_float64(self, fn: Callable[[torch.Tensor], torch.Tensor], a: TensorLike,
+                     underflow: bool = False) -> torch.Tensor:
+        return self.round(fn(_as_tensor(a).double()), underflow=underflow)
 
-    def _arith(self, op: str, *operands: TensorLike) -> torch.Tensor:
+    def _arith(self, op: str, underflow: bool, *operands: TensorLike) -> torch.Tensor:
         """Backend op ``op`` on the broadcast operands, the result on the device of the
-        first operand that is not a scalar (Python numbers become float64 scalars)."""
+        first operand that is not a scalar (Python numbers become float64 scalars). The
+        underflow flag reaches a backend only when set, and only one that declares
+        ``ARITH_UNDERFLOW`` (others keep their signature; numba runs those ops)."""
+        check_rounding_options("nearest", underflow)
         tensors = [_as_tensor(t) for t in operands]
         device = next((t.device for t in tensors if t.dim() > 0), tensors[0].device)
         if len(tensors) > 1:
             tensors = torch.broadcast_tensors(*tensors)
-        return getattr(backend_for(device), op)(*tensors, self, device)
+        backend, flags = backend_for(device), {}
+        if underflow:
+            flags["underflow"] = True
+            if not getattr(backend, "ARITH_UNDERFLOW", False):  # e.g. Triton's: numba's takes it, via the host
+                backend = backends.get("numba")
+        return getattr(backend, op)(*tensors, self, device, **flags)
 
 
 def check_rounding_options(rounding: str = "nearest", underflow: bool = False) -> None:

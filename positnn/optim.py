@@ -13,6 +13,7 @@ fuse them:
 - Adam: m = fma(b1, m, (1-b1) g), v = fma(b2, v, (1-b2) g g), w = fma(-lr/(1-b1^t),
   m / (sqrt(v / (1-b2^t)) + eps), w); AdamW first decays w = fma(-lr wd, w, w).
 
+Every O result honours the policy's ``underflow`` flush, as PositNN's fused operations do.
 With ``rounding="stochastic"`` in the policy, the final weight update a*b + c is
 evaluated in float64 and rounded stochastically instead of by the fma. Updates are in
 place, which bumps each master's version counter: that is the notice that makes the
@@ -30,6 +31,7 @@ from torch.optim import Optimizer
 from .format import Posit
 from .policy import LayerPolicy
 from .rounding import round_scalar
+from .stage import Stage
 
 
 def _stage(p: torch.Tensor) -> tuple[Posit | None, LayerPolicy | None]:
@@ -44,7 +46,7 @@ def _fused(O: Posit, lp: LayerPolicy, a: Any, b: torch.Tensor, c: torch.Tensor,
     if lp.rounding == "stochastic":
         exact = torch.as_tensor(a, dtype=torch.float64) * b.double() + c.double()
         return O.round(exact, "stochastic", underflow=lp.underflow, generator=generator)
-    return O.fma(a, b, c)
+    return O.fma(a, b, c, underflow=lp.underflow)
 
 
 class _PositOptimizer(Optimizer):
@@ -150,21 +152,22 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
             sgd_update([p], [st], lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                        nesterov=nesterov, generator=generator)
         return
+    ops = Stage.of(lp, "optimizer", round_operands=False)  # O arithmetic, with the policy's underflow
     w = _flat(params)
     g = _flat([p.grad for p in params])
     if weight_decay:
-        g = O.fma(round_scalar(weight_decay, O), w, g)
+        g = ops.fma(round_scalar(weight_decay, O), w, g)
     if momentum:
         m = round_scalar(momentum, O)
         if bufs[0] is None:
             buf = g.clone()  # first step: v = g
         elif dampening:
-            buf = O.fma(m, _flat(bufs), O.mul(round_scalar(1 - dampening, O), g))
+            buf = ops.fma(m, _flat(bufs), ops.mul(round_scalar(1 - dampening, O), g))
         else:
-            buf = O.fma(m, _flat(bufs), g)
+            buf = ops.fma(m, _flat(bufs), g)
         for st, p, chunk in zip(states, params, buf.split([p.numel() for p in params])):
             st["momentum_buffer"] = chunk.clone().view_as(p)
-        g = O.fma(m, buf, g) if nesterov else buf
+        g = ops.fma(m, buf, g) if nesterov else buf
     new = _fused(O, lp, -round_scalar(lr, O), g, w, generator)
     # One check for all (NaN fails) on the CPU; on a device the counters accumulate there
     # (positnn.stats), so every parameter is recorded and nothing is read back per step.
@@ -243,15 +246,16 @@ def adam_update(p: torch.Tensor, g: torch.Tensor, state: dict, *, lr: float, bet
         denom = (v.sqrt() / math.sqrt(bc2)).add_(eps)
         p.addcdiv_(m, denom, value=-lr / bc1)
         return
+    ops = Stage.of(lp, "optimizer", round_operands=False)  # O arithmetic, with the policy's underflow
     if weight_decay:
         if decoupled:
-            p.copy_(O.fma(-round_scalar(lr * weight_decay, O), p, p))
+            p.copy_(ops.fma(-round_scalar(lr * weight_decay, O), p, p))
         else:
-            g = O.fma(round_scalar(weight_decay, O), p, g)
-    m.copy_(O.fma(round_scalar(b1, O), m, O.mul(round_scalar(1 - b1, O), g)))
-    v.copy_(O.fma(round_scalar(b2, O), v, O.mul(round_scalar(1 - b2, O), O.mul(g, g))))
-    denom = O.add(O.sqrt(O.div(v, round_scalar(bc2, O))), round_scalar(eps, O))
-    p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), O.div(m, denom), p, generator))
+            g = ops.fma(round_scalar(weight_decay, O), p, g)
+    m.copy_(ops.fma(round_scalar(b1, O), m, ops.mul(round_scalar(1 - b1, O), g)))
+    v.copy_(ops.fma(round_scalar(b2, O), v, ops.mul(round_scalar(1 - b2, O), ops.mul(g, g))))
+    denom = ops.add(ops.sqrt(ops.div(v, round_scalar(bc2, O))), round_scalar(eps, O))
+    p.copy_(_fused(O, lp, -round_scalar(lr / bc1, O), ops.div(m, denom), p, generator))
     _record(p, O)
 
 

@@ -92,14 +92,17 @@ def _launch(name: str, config: TrainConfig, out: Path, threads: int) -> int:
         return subprocess.run(args, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def reproduce(table: str, out: str | os.PathLike, *, jobs: int = 1, **overrides) -> Path:
+def reproduce(table: str, out: str | os.PathLike, *, jobs: int = 1, threads: int | None = None, **overrides) -> Path:
     """Run every configuration of ``table`` (finished runs are kept, begun ones resumed),
-    then write ``out/results.md`` and ``out/curves.png``.
+    then write ``out/results.md`` and ``out/curves.png``. Each run gets ``threads`` threads
+    (default: the CPUs shared among the ``jobs`` parallel runs).
 
     ``overrides`` (``epochs``, ``subset``, ``data_dir``, ...) apply to every run, of a named
     table or of a TOML file alike. ``data_dir`` is passed on as given: a relative one stays
     relative in each run's config.json, so committed results name no machine's paths.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 (or None: the CPUs shared among the jobs), got {threads!r}")
     out = Path(out)
     if str(table).endswith(".toml"):
         if "datasets" in overrides:
@@ -109,7 +112,7 @@ def reproduce(table: str, out: str | os.PathLike, *, jobs: int = 1, **overrides)
         configs = table_configs(table, **overrides)
     out.mkdir(parents=True, exist_ok=True)
     todo = {n: c for n, c in configs.items() if not _finished(out / n, c)}
-    threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
     with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
         codes = dict(zip(todo, pool.map(lambda nc: _launch(nc[0], nc[1], out, threads), todo.items())))
     failed = [n for n, code in codes.items() if code != 0]
@@ -139,7 +142,8 @@ def write_results(table: str, configs: dict[str, TrainConfig], out: Path) -> Pat
             ours += f" (after {len(metrics)} of {cfg.epochs} epochs)"
         if metrics and cfg.subset:
             ours += f" (first {cfg.subset:,} images, {cfg.epochs} epochs)"
-        paper = PAPER_TABLE7.get(cfg.policy, {}).get(cfg.dataset) if table == "table7" else PAPER_TABLE4.get(cfg.policy)
+        paper = (PAPER_TABLE7.get(cfg.policy, {}).get(cfg.dataset) if Path(str(table)).stem == "table7"
+                 else PAPER_TABLE4.get(cfg.policy))
         rows.append([cfg.dataset, cfg.policy, ours, f"{paper:.2f}%" if paper is not None else "-"])
         if metrics:
             done.append(out / name)

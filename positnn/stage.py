@@ -157,40 +157,45 @@ class PositStage(Stage):
             return x
         return self.round(x) if x.dtype.is_floating_point else x.double()  # masks, integer operands: exact
 
+    # Every result honours the stage's underflow flush, as PositNN's every rounding does.
     def add(self, a, b):
-        return self.fmt.add(self._r(a), self._r(b))
+        return self.fmt.add(self._r(a), self._r(b), underflow=self.underflow)
 
     def sub(self, a, b):
-        return self.fmt.sub(self._r(a), self._r(b))
+        return self.fmt.sub(self._r(a), self._r(b), underflow=self.underflow)
 
     def mul(self, a, b):
-        return self.fmt.mul(self._r(a), self._r(b))
+        return self.fmt.mul(self._r(a), self._r(b), underflow=self.underflow)
 
     def div(self, a, b):
-        return self.fmt.div(self._r(a), self._r(b))
+        return self.fmt.div(self._r(a), self._r(b), underflow=self.underflow)
 
     def fma(self, a, b, c):
-        return self.fmt.fma(self._r(a), self._r(b), self._r(c))
+        return self.fmt.fma(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
+
+    def fam(self, a, b, c):
+        """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
+        return self.fmt.fam(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
 
     def fam(self, a, b, c):
         """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
         return self.fmt.fam(self._r(a), self._r(b), self._r(c))
 
     def sqrt(self, a):
-        return self.fmt.sqrt(self._r(a))
+        return self.fmt.sqrt(self._r(a), underflow=self.underflow)
 
     # Faithful: evaluated in float64, rounded once to nearest (Posit.exp ...).
     def exp(self, a):
-        return self.fmt.exp(self._r(a))
+        return self.fmt.exp(self._r(a), underflow=self.underflow)
 
     def log(self, a):
-        return self.fmt.log(self._r(a))
+        return self.fmt.log(self._r(a), underflow=self.underflow)
 
     def sigmoid(self, a):
-        return self.fmt.sigmoid(self._r(a))
+        return self.fmt.sigmoid(self._r(a), underflow=self.underflow)
 
     def tanh(self, a):
-        return self.fmt.tanh(self._r(a))
+        return self.fmt.tanh(self._r(a), underflow=self.underflow)
 
     def pointwise(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
         """A function with no exact posit algorithm (exp, GELU, their derivatives ...):

@@ -14,7 +14,7 @@ from positnn import Posit
 from posit_reference import decode_pattern, fam_universal, round_exact
 
 F64 = torch.float64
-PAIR_FORMATS = [(8, 2), (8, 0), (7, 1), (6, 2), (5, 2)]
+PAIR_FORMATS = [(8, 2), (7, 1), (6, 0), (6, 2), (5, 2)]
 
 
 def _values(n, es):

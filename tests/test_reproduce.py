@@ -47,6 +47,17 @@ def test_overrides_reach_every_run_of_a_named_table(tmp_path, launched):
     assert len(launched) == 4 and all((c.dataset, c.epochs, c.subset) == ("mnist", 1, 256) for c in launched.values())
 
 
+def test_threads_per_run(tmp_path, monkeypatch, capsys):
+    threads: list[int] = []
+    monkeypatch.setattr(rep, "_launch", lambda name, config, out, n: threads.append(n) or 0)
+    table4 = str(REPO / "results" / "table4.toml")
+    assert main(["reproduce", table4, "--threads", "1", "--out", str(tmp_path / "res")]) == 0
+    assert threads == [1] * len(rep.toml_configs(table4))
+    assert main(["reproduce", table4, "--threads", "0", "--out", str(tmp_path / "res")]) == 2
+    assert "threads must be an integer >= 1" in capsys.readouterr().err
+    assert len(threads) == len(rep.toml_configs(table4))  # nothing launched after the refusal
+
+
 def test_without_overrides_the_files_values_stand(tmp_path, launched):
     main(["reproduce", str(REPO / "results" / "table4.toml"), "--out", str(tmp_path / "res")])
     assert launched["fashion-mnist-posit(8,0)"].epochs == 3 and launched["fashion-mnist-posit(8,0)q"].epochs == 10

@@ -87,25 +87,30 @@ def decode(bits: torch.Tensor, fmt: Posit) -> torch.Tensor:
     return _run(rk.decode, (bits,), fmt, bits.device, float64=False)
 
 
-# Correctly rounded arithmetic on float64 copies of the operands; no underflow flush.
-def add(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
-    return _run(arith.add, (a, b), fmt, device, False)
+# Correctly rounded arithmetic on float64 copies of the operands; ``underflow`` flushes
+# results of magnitude <= minpos / useed to 0, as ``round_nearest`` does.
+ARITH_UNDERFLOW = True
 
 
-def mul(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
-    return _run(arith.mul, (a, b), fmt, device, False)
+def add(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device, underflow: bool = False) -> torch.Tensor:
+    return _run(arith.add, (a, b), fmt, device, underflow)
 
 
-def div(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
-    return _run(arith.div, (a, b), fmt, device, False)
+def mul(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device, underflow: bool = False) -> torch.Tensor:
+    return _run(arith.mul, (a, b), fmt, device, underflow)
 
 
-def sqrt(a: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
-    return _run(arith.sqrt, (a,), fmt, device, False)
+def div(a: torch.Tensor, b: torch.Tensor, fmt: Posit, device: torch.device, underflow: bool = False) -> torch.Tensor:
+    return _run(arith.div, (a, b), fmt, device, underflow)
 
 
-def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
-    return _run(arith.fused_multiply_add, (a, b, c), fmt, device, False)
+def sqrt(a: torch.Tensor, fmt: Posit, device: torch.device, underflow: bool = False) -> torch.Tensor:
+    return _run(arith.sqrt, (a,), fmt, device, underflow)
+
+
+def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device,
+        underflow: bool = False) -> torch.Tensor:
+    return _run(arith.fused_multiply_add, (a, b, c), fmt, device, underflow)
 
 
 # The quire's kernels (span scans, slicing, exact recombination), on host memory.

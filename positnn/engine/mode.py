@@ -189,7 +189,9 @@ class _StagedOp(torch.autograd.Function):
                                              retain_graph=k < len(passes) - 1, allow_unused=True)
                 if name == "gradient":
                     divisor = reduction.divisor()
-                    gs = [g if g is None or divisor == 1 else stage.div(g, float(divisor)).to(g.dtype) for g in gs]
+                    # The divisor as a G value, as the paper's layers divide (functional._common).
+                    gs = [g if g is None or divisor == 1 else stage.div(g, stage.constant(float(divisor))).to(g.dtype)
+                          for g in gs]
                 for i, g in zip(idx, gs):
                     result[i] = g
         ctx.outs = ctx.inputs = None  # the inner graph is spent
