@@ -184,6 +184,27 @@ class Float:
         infv = float("inf") if self.has_infinities else over
         return (self.man_bits, self.min_exponent, self.max, over, infv)
 
+    def _accumulate_params(self, underflow: bool = False) -> tuple:
+        """The format as the accumulation kernels take it (``kernels.accumulate.round_fmt``):
+        kind 1, man_bits, min_exponent, max, overflow value, infinity value, flush."""
+        m, emin, maxv, over, infv = self._kernel_params
+        return (1, m, emin, maxv, over, infv, bool(underflow) or not self.subnormals)
+
+    def includes(self, other: object) -> bool:
+        """True when every value of ``other`` (a format) is a value of this float: a binary
+        float with no more mantissa bits, no lower normal exponent, no larger max, and
+        infinities only if this format has them (subnormals of ``other`` need subnormals
+        here, unless they lie above this format's smallest normal)."""
+        if not isinstance(other, Float):
+            return False
+        return (
+            other.man_bits <= self.man_bits
+            and other.min_exponent >= self.min_exponent
+            and other.max <= self.max
+            and (self.has_infinities or not other.has_infinities)
+            and (self.subnormals or other.minpos >= self.min_normal)
+        )
+
     def values(self) -> torch.Tensor:
         """Every value, indexed by the bit pattern read as unsigned (NaN patterns give NaN)."""
         if self.nbits > 16:

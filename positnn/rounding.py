@@ -51,10 +51,11 @@ def round_scalar(value: float, fmt: Format) -> float:
 def is_subformat(inner: Format, outer: Format) -> bool:
     """True when every value of ``inner`` is a value of ``outer`` (so rounding an inner
     value to outer is exact): the same format, outer float, or the same es with at least
-    as many bits (a posit(n, es) pattern followed by zeros is the same posit(m, es) value).
-    Float inner values fit only a float outer."""
+    as many bits (a posit(n, es) pattern followed by zeros is the same posit(m, es) value),
+    or a binary float inside a wider one (``Float.includes``). Float inner values fit only
+    a float outer."""
     if outer is None or inner == outer:
         return True
     if inner is None:
         return False
-    return inner.es == outer.es and inner.nbits <= outer.nbits
+    return outer.includes(inner)
