@@ -28,8 +28,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..format import Posit
-from ..policy import PolicySpec, layer_policy
+from ..policy import Format, PolicySpec, layer_policy, parse_format
 from ..rounding import maybe_round
 from ..stats import LayerStats
 
@@ -70,7 +69,7 @@ class PositModule(nn.Module):
         ensure_torch_step_hook()
         self.policy = layer_policy(policy, name)
         self.posit_stats = LayerStats()
-        self._copy_cache: dict[Posit | None, tuple[tuple, dict[str, torch.Tensor]]] = {}
+        self._copy_cache: dict[Format, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     # -- masters and copies ----------------------------------------------------------------
     def _master(self, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -102,7 +101,7 @@ class PositModule(nn.Module):
             return getattr(self, name).detach()
         return self._copies(fmt)[name]
 
-    def _copies(self, fmt: Posit | None) -> dict[str, torch.Tensor]:
+    def _copies(self, fmt: Format) -> dict[str, torch.Tensor]:
         """Copies in ``fmt`` of all parameters, rounded together in one pass and only after
         a master changed (keyed by version counters; stages sharing a format share them)."""
         params = [(n, t) for n, t in self._masters() if isinstance(t, nn.Parameter)]
@@ -151,14 +150,14 @@ class PositModule(nn.Module):
             if key not in local:
                 continue
             value = local[key]
-            src: Posit | None = None
-            if not value.dtype.is_floating_point:
-                if name not in saved:
-                    error_msgs.append(f"{key}: integer tensor without a posit format in {prefix}_extra_state")
-                    local[key] = current.detach()
-                    continue
-                src = Posit.parse(saved[name])
+            src: Format = None
+            if name in saved:  # bit patterns: integers, or torch's float8/16 storage of a Float
+                src = parse_format(saved[name], f"{prefix}_extra_state format of {name}")
                 value = src.decode(value)
+            elif not value.dtype.is_floating_point:
+                error_msgs.append(f"{key}: integer tensor without a posit format in {prefix}_extra_state")
+                local[key] = current.detach()
+                continue
             if src != O:
                 if not convert:
                     error_msgs.append(
