@@ -118,7 +118,7 @@ def round_limbs(limbs, nl, lsb, rp):
 
 
 @njit(parallel=True, cache=True)
-def round_sum(G, bias, bias_on_rows, out, rp):
+def _round_sum(G, bias, bias_on_rows, out, rp):
     """out = round(G + bias) for exact float64 G (one slice pair): TwoSum is exact.
 
     The bias runs along the columns (bias[j]), or along the rows with ``bias_on_rows``.
@@ -135,7 +135,7 @@ def round_sum(G, bias, bias_on_rows, out, rp):
 
 
 @njit(parallel=True, cache=True)
-def round_flat(G, out, rp):
+def _round_flat(G, out, rp):
     """round_sum without a bias on flat arrays: the same TwoSum with 0 and rounding per
     element, as one long loop (skinny GEMM results have rows of a few elements)."""
     for i in prange(G.size):
@@ -144,7 +144,7 @@ def round_flat(G, out, rp):
 
 
 @njit(parallel=True, cache=True)
-def round_terms(G, P, Q, bias, out, rp):
+def _round_terms(G, P, Q, bias, out, rp):
     """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
 
     The terms are exact float64 slice-GEMM results; they are added as integers into limbs.
@@ -217,7 +217,7 @@ def quire_add(limbs, terms, lsb, apply):
 
 
 @njit(parallel=True, cache=True)
-def quire_round(limbs, lsb, out, rp):
+def _quire_round(limbs, lsb, out, rp):
     nl = limbs.shape[1]
     for i in prange(out.size):
         scratch = limbs[i].copy()
@@ -225,7 +225,7 @@ def quire_round(limbs, lsb, out, rp):
 
 
 @njit(parallel=True, cache=True)
-def sequential_dot(A, B, bias, out, rp):
+def _sequential_dot(A, B, bias, out, rp):
     """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k.
 
     The columns j of one row are independent, so they form the inner (SIMD) loop. A zero
@@ -259,7 +259,7 @@ def sequential_dot(A, B, bias, out, rp):
 
 
 @njit(parallel=True, cache=True)
-def round_stack(G, bias, bias_on_rows, out, rp):
+def _round_stack(G, bias, bias_on_rows, out, rp):
     """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
     (the slice-pair results of a sliced convolution). The bias runs along the columns
     (bias[j]), or along the rows with ``bias_on_rows``. Terms are added by TwoSum while
@@ -316,3 +316,29 @@ def round_stack(G, bias, bias_on_rows, out, rp):
                 if mants[bi, t] != 0:
                     add_int(limbs, exps[bi, t] - lsb, mants[bi, t])
             out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
+
+
+def posit_params(n: int, es: int, underflow: bool) -> tuple:
+    """The ``rp`` tuple of posit(n, es) (what ``Posit._accumulate_params`` returns)."""
+    return (0, int(n), int(es), 0.0, 0.0, 0.0, bool(underflow))
+
+
+def _entry(kernel):
+    """A kernel's public form: the format as one ``rp`` tuple, or as a posit's trailing
+    (n, es, underflow), the signature these kernels had before float formats."""
+
+    def call(*args):
+        if isinstance(args[-1], tuple):
+            return kernel(*args)
+        return kernel(*args[:-3], posit_params(*args[-3:]))
+
+    call.__name__, call.__doc__ = kernel.__name__.lstrip("_"), kernel.__doc__
+    return call
+
+
+round_sum = _entry(_round_sum)
+round_flat = _entry(_round_flat)
+round_terms = _entry(_round_terms)
+quire_round = _entry(_quire_round)
+sequential_dot = _entry(_sequential_dot)
+round_stack = _entry(_round_stack)
