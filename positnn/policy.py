@@ -46,9 +46,10 @@ QUIRE_MODES = ("exact", "none", "float32", "float64")
 GRAD_REDUCTIONS = ("positnn", "mean")
 ON_NAR = ("raise", "report")
 UNSUPPORTED_OPS = ("raise", "float")
+SCALINGS = ("none", "tensorwise")
 FLOAT_NAMES = ("float32", "fp32", "float", "none")
 # Keys a per-layer override may set: the numerics, not the training-loop behaviour.
-LAYER_KEYS = STAGES + ("quire", "underflow", "rounding")
+LAYER_KEYS = STAGES + ("quire", "underflow", "rounding", "scaling")
 
 Format = Posit | Float | None
 
@@ -97,6 +98,7 @@ class LayerPolicy:
     quire: str = "exact"
     underflow: bool = False
     rounding: str = "nearest"
+    scaling: str = "none"
     grad_reduction: str = "mean"
     loss_scale: float = 1.0
     on_nar: str = "raise"
@@ -132,6 +134,15 @@ class Policy:
     only counted. ``unsupported_ops`` says what the any-model engine does with an op that
     has no posit semantics: "raise" (the default) an error naming it, or "float": run it in
     float32 and count it (``positnn.stats.float_ops(model)``).
+
+    ``scaling`` is the per-tensor scaling of GEMM and convolution operands that FP8
+    training needs: "none" (the default), or "tensorwise", torchao's dynamic recipe: a
+    tensor entering a dot product in F, B or G from a wider format (weights from their O
+    masters, model inputs, the loss gradient from L) is rounded as round(x * s) / s, with
+    s = 2**k the largest power of two such that amax(|x|) * s <= the stage format's max.
+    The scale is a power of two, so multiplying and dividing by it is exact, and the quire
+    stays exact; dot products and sums are then rounded once, unscaled, to their stage,
+    which holds every tensor (see ``positnn.rounding.scaled_round``).
     """
 
     forward: Format = None
@@ -142,6 +153,7 @@ class Policy:
     quire: str = "exact"
     underflow: bool = False
     rounding: str = "nearest"
+    scaling: str = "none"
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     grad_reduction: str | None = None
     loss_scale: float = 1.0
@@ -156,6 +168,7 @@ class Policy:
         _choice(self.rounding, ROUNDING_MODES, "rounding")
         _choice(self.on_nar, ON_NAR, "on_nar")
         _choice(self.unsupported_ops, UNSUPPORTED_OPS, "unsupported_ops")
+        _choice(self.scaling, SCALINGS, "scaling")
         if not isinstance(self.underflow, bool):
             raise ValueError(f"underflow must be a bool, got {self.underflow!r}")
         if self.grad_reduction is None:
@@ -355,6 +368,8 @@ def _normalise_overrides(over: Mapping[str, Any], what: str) -> dict[str, Any]:
             _choice(value, QUIRE_MODES, f"{what}.quire")
         elif key == "rounding":
             _choice(value, ROUNDING_MODES, f"{what}.rounding")
+        elif key == "scaling":
+            _choice(value, SCALINGS, f"{what}.scaling")
         elif not isinstance(value, bool):
             raise ValueError(f"{what}.underflow must be a bool, got {value!r}")
         out[key] = value

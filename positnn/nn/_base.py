@@ -29,7 +29,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..policy import Format, PolicySpec, layer_policy, parse_format
-from ..rounding import maybe_round
+from ..rounding import maybe_round, scaled_round
 from ..stats import LayerStats
 
 _CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
@@ -110,9 +110,13 @@ class PositModule(nn.Module):
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            flat = torch.cat([t.detach().reshape(-1) for _, t in params]) if len(params) > 1 else params[0][1].detach().reshape(-1)
-            pieces = maybe_round(flat, fmt, self.policy).split([t.numel() for _, t in params])
-            value = {n: piece.view(t.shape) for piece, (n, t) in zip(pieces, params)}
+            if self.policy.scaling == "tensorwise":  # one scale per tensor (Policy.scaling)
+                lp = self.policy
+                value = {n: scaled_round(t.detach(), fmt, lp.rounding, underflow=lp.underflow) for n, t in params}
+            else:
+                flat = torch.cat([t.detach().reshape(-1) for _, t in params]) if len(params) > 1 else params[0][1].detach().reshape(-1)
+                pieces = maybe_round(flat, fmt, self.policy).split([t.numel() for _, t in params])
+                value = {n: piece.view(t.shape) for piece, (n, t) in zip(pieces, params)}
         self._copy_cache[fmt] = (key, value)
         return value
 
