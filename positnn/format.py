@@ -223,6 +223,13 @@ class Posit:
         """a * b + c with a single rounding."""
         return self._arith("fma", a, b, c)
 
+    def fam(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
+        """(a + b) * c as PositNN's ``fam_corrected``: the sum aligned with a sticky bit,
+        the product exact, one rounding (see :mod:`positnn.fam`)."""
+        from .fam import fam  # positnn.fam builds on this class
+
+        return fam(a, b, c, self)
+
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for posit inputs; other inputs are rounded)."""
         return self.round(-_as_tensor(a))

@@ -88,6 +88,9 @@ class NativeStage(Stage):
     def fma(self, a, b, c):
         return a * b + c
 
+    def fam(self, a, b, c):
+        return (a + b) * c
+
     def sqrt(self, a):
         return torch.sqrt(a)
 
@@ -180,6 +183,10 @@ class PositStage(Stage):
 
     def fma(self, a, b, c):
         return self.fmt.fma(self._r(a), self._r(b), self._r(c))
+
+    def fam(self, a, b, c):
+        """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
+        return self.fmt.fam(self._r(a), self._r(b), self._r(c))
 
     def sqrt(self, a):
         return self.fmt.sqrt(self._r(a))

@@ -21,7 +21,7 @@ from fractions import Fraction
 
 __all__ = [
     "decode_pattern", "all_values", "round_pattern", "round_sqrt_pattern", "round_exact", "Table",
-    "minpos", "maxpos", "nar_pattern", "fields", "significand_bits",
+    "minpos", "maxpos", "nar_pattern", "fields", "significand_bits", "fam_universal",
 ]
 
 
@@ -197,3 +197,52 @@ class Table:
 
     def value(self, p: int):
         return decode_pattern(p, self.n, self.es)
+
+
+def _universal_triple(x: Fraction, n: int, es: int, fbits: int) -> tuple[bool, int, int]:
+    """(sign, scale, significand with ``fbits`` fraction bits as an integer) of a posit value
+    as Universal's ``value`` holds it; zero decodes as its pattern does: a regime run of
+    n - 1 zeros, scale -(n - 1) 2^es, fraction 0."""
+    if x == 0:
+        return False, -(n - 1) * 2 ** es, 1 << fbits
+    ax, scale = abs(x), 0
+    while ax >= 2:
+        ax, scale = ax / 2, scale + 1
+    while ax < 1:
+        ax, scale = ax * 2, scale - 1
+    sig = ax * 2 ** fbits
+    assert sig.denominator == 1, (x, n, es)
+    return x < 0, scale, int(sig)
+
+
+def fam_universal(a, b, c, n: int, es: int) -> Fraction | None:
+    """PositNN's ``fam_corrected(a, b, c)`` = (a + b) * c on posit(n, es) values (Fractions,
+    None for NaR), modelled on Universal's bit blocks: ``module_add<fbits, fbits + 4>``
+    places the larger-scale operand's hidden bit at position fbits + 3 and the other one
+    ``scale difference`` places lower, copies the fraction bits that land at positions >= 1
+    and ORs every bit at position <= 0 into bit 0 (``nshift``'s uncertainty bit); the
+    signed sum of the two blocks is exact, the product with c is exact, and ``convert``
+    rounds it once to nearest."""
+    if a is None or b is None or c is None:
+        return None
+    if c == 0 or (a == 0 and b == 0):
+        return Fraction(0)
+    fbits = max(n - 3 - es, 0)
+    ta, tb = _universal_triple(Fraction(a), n, es, fbits), _universal_triple(Fraction(b), n, es, fbits)
+    top = max(ta[1], tb[1])
+
+    def block(t):
+        sign, scale, sig = t
+        shift = scale - top + 3                     # hidden bit at fbits + shift
+        if fbits + shift <= 0:
+            mag = 1                                 # only the uncertainty bit
+        else:
+            placed = Fraction(sig) * Fraction(2) ** shift   # bit k of the block is 2^k
+            kept = (int(placed) >> 1) << 1                  # positions >= 1
+            mag = kept | (1 if placed != kept else 0)       # bit 0: anything at <= 0
+        return -mag if sign else mag
+
+    total = (block(ta) + block(tb)) * Fraction(2) ** (top - fbits - 3)
+    if total == 0:
+        return Fraction(0)
+    return round_exact(total * Fraction(c), n, es)

@@ -3,12 +3,17 @@ bit-exact against reference compositions of positnn.quire and Posit calls writte
 here, with the linear maps taken from torch's float64 Jacobians (exact: every entry is a
 single weight, input value or 0/1)."""
 
+import math
+from fractions import Fraction
+
 import pytest
 import torch
 import torch.nn.functional as TF
 
 import positnn.functional as PF
+import positnn.nn as pnn
 from positnn import Posit, quire, reduction
+from posit_reference import fam_universal, round_exact
 from positnn.policy import LayerPolicy
 from positnn.stats import LayerStats
 
@@ -139,8 +144,42 @@ def test_conv2d_bit_exact(stride, padding, dilation, groups):
     j_w = jacobian(lambda t: TF.conv2d(x_g.double(), t, None, *geo), w.detach())
     gw = quire.matmul(G.round(gy).reshape(1, -1), j_w, G).reshape(w.shape)
     assert torch.equal(w.grad, _reference_param_grad(gw, 2, lp))
-    gb = quire.sum(G.round(gy).transpose(0, 1).reshape(6, -1), 1, G)
+    # Bias gradient as PositNN's: each sample's positions in a G quire, then the batch.
+    per_sample = quire.sum(G.round(gy).reshape(2, 6, -1), 2, G)
+    gb = quire.sum(per_sample, 0, G)
     assert torch.equal(b.grad, _reference_param_grad(gb, 2, lp))
+
+
+def test_conv2d_bias_gradient_rounds_per_sample_then_batch():
+    """The bias gradient's two roundings are PositNN's, and they are not one quire's: with
+    G = posit(8,2) and 16 samples the two differ (checked against the reference above)."""
+    lp = LayerPolicy(forward=P8, backward=P8, gradient=P8, optimizer=P16, loss=P16, grad_reduction="positnn")
+    x = torch.randn(16, 3, 6, 6, dtype=F64)
+    b = as_param(P16, torch.randn(5) * 0.1)
+    w = as_param(P16, torch.randn(5, 3, 3, 3) * 0.3)
+    y = PF.conv2d(x, w, b, 1, 0, 1, 1, lp)
+    gy = posit_randn(P8, *y.shape)
+    from_positnn_loss(y, 16).backward(gy)
+    d = P8.round(gy)
+    two = P8.div(quire.sum(quire.sum(d.reshape(16, 5, -1), 2, P8), 0, P8), 16.0)
+    one = P8.div(quire.sum(d.transpose(0, 1).reshape(5, -1), 1, P8), 16.0)
+    assert torch.equal(b.grad, P16.round(two))
+    assert not torch.equal(two, one)
+
+
+def test_gradient_divisor_is_a_G_value():
+    """PositNN divides by the batch size as a G posit (StdTensor /= T(n)): in posit(5,2)
+    32 is not a value and rounds to 16 (a tie between 16 and 64, to the even pattern)."""
+    p5 = Posit(5, 2)
+    assert p5.round(torch.tensor([32.0])).item() == 16.0
+    lp = LayerPolicy(forward=p5, backward=p5, gradient=p5, optimizer=P16, loss=P16, grad_reduction="positnn")
+    x = p5.round(torch.randn(32, 4, dtype=F64))
+    w = as_param(P16, torch.randn(3, 4) * 0.5)
+    gy = p5.round(torch.randn(32, 3, dtype=F64))
+    from_positnn_loss(PF.linear(x, w, None, lp), 32).backward(gy)
+    g = quire.matmul(gy.T, x, p5)
+    assert torch.equal(w.grad, P16.round(p5.div(g, 16.0)))
+    assert not torch.equal(w.grad, P16.round(p5.div(g, 32.0)))
 
 
 def test_param_grad_accumulates_in_O_with_one_rounding():
@@ -313,6 +352,10 @@ def test_cross_entropy_and_log_softmax_bit_exact():
         assert torch.equal(loss, L.div(quire.sum(per, 0, L), 6.0))
         loss.backward()
         sm = L.div(e, s)
+        g = sm.scatter(1, t[:, None], L.fam(e.gather(1, t[:, None]), -s, L.div(1.0, s)))
+        assert torch.equal(x.grad.to(L.dtype), g if reduction == "positnn" else L.mul(g, 1 / 6))
+        x.grad = None
+        PF.cross_entropy(x, t, lp, target_grad="divide").backward()
         g = sm.scatter(1, t[:, None], L.sub(sm.gather(1, t[:, None]), 1.0))
         assert torch.equal(x.grad.to(L.dtype), g if reduction == "positnn" else L.mul(g, 1 / 6))
     lp = LayerPolicy(loss=P12)
@@ -321,6 +364,47 @@ def test_cross_entropy_and_log_softmax_bit_exact():
     xl = P12.round(x.detach())
     z = P12.sub(xl, xl.amax(1, keepdim=True))
     assert torch.equal(y, P12.sub(z, P12.log(quire.sum(P12.exp(z), 1, P12, keepdim=True))))
+
+
+def _ce_grad_oracle(x, t, n, es, target_grad):
+    """softmax - onehot of PositNN's cross entropy in posit(n, es), from Fractions: z =
+    x - max, e = exp(z) (float64, rounded), s = the exact sum rounded, e_k / s rounded, and
+    for the target fam_universal(e_t, -s, round(1/s)) or round(round(e_t / s) - 1)."""
+    out = []
+    for row, k in zip(x.tolist(), t.tolist()):
+        xl = [round_exact(Fraction(v), n, es) for v in row]
+        z = [round_exact(v - max(xl), n, es) for v in xl]
+        e = [round_exact(Fraction(math.exp(float(v))), n, es) for v in z]
+        s = round_exact(sum(e), n, es)
+        g = [round_exact(v / s, n, es) for v in e]
+        g[k] = (fam_universal(e[k], -s, round_exact(1 / s, n, es), n, es) if target_grad == "fam"
+                else round_exact(g[k] - 1, n, es))
+        out.append([float(v) for v in g])
+    return torch.tensor(out, dtype=F64)
+
+
+def test_cross_entropy_target_gradient_is_positnn_fam():
+    """The target-class gradient is PositNN's (e_t - s) * (1/s) with one rounding, not
+    round(e_t / s) - 1: row 0 in posit(8,2) is a confident right answer (e = [1, 0.140625],
+    s = 1.125) where the two differ (-0.109375 against -0.125); the other rows are random."""
+    p8 = Posit(8, 2)
+    lp = LayerPolicy(loss=p8, grad_reduction="positnn")
+    x = torch.cat([torch.tensor([[0.0, -2.0, -30.0, -30.0]], dtype=F64), torch.randn(40, 4, dtype=F64) * 3])
+    t = torch.cat([torch.tensor([0]), torch.randint(0, 4, (40,))])
+    fam, divide = _ce_grad_oracle(x, t, 8, 2, "fam"), _ce_grad_oracle(x, t, 8, 2, "divide")
+    assert fam[0, 0].item() == -0.109375 and divide[0, 0].item() == -0.125
+    for target_grad, expected in (("fam", fam), ("divide", divide)):
+        xr = x.clone().requires_grad_(True)
+        PF.cross_entropy(xr, t, lp, target_grad=target_grad).backward()
+        assert torch.equal(xr.grad.double(), expected), target_grad
+    crit = pnn.CrossEntropyLoss(lp)
+    xr = x.clone().requires_grad_(True)
+    crit(xr, t).backward()
+    assert torch.equal(xr.grad.double(), fam)
+    with pytest.raises(ValueError, match="target_grad must be one of"):
+        PF.cross_entropy(x, t, lp, target_grad="exact")
+    with pytest.raises(ValueError, match="target_grad must be one of"):
+        pnn.CrossEntropyLoss(lp, target_grad="fma")
 
 
 def test_mse_loss_bit_exact():

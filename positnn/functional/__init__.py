@@ -35,6 +35,7 @@ from .activation import sigmoid as sigmoid
 from .activation import tanh as tanh
 from .linear import conv2d as conv2d
 from .linear import linear as linear
+from .loss import CE_TARGET_GRADS as CE_TARGET_GRADS
 from .loss import cross_entropy as cross_entropy
 from .loss import log_softmax as log_softmax
 from .loss import mse_loss as mse_loss
@@ -44,5 +45,5 @@ from .pooling import max_pool2d as max_pool2d
 
 __all__ = [
     "linear", "conv2d", "max_pool2d", "avg_pool2d", "relu", "leaky_relu", "sigmoid", "tanh",
-    "dropout", "flatten", "batch_norm", "log_softmax", "cross_entropy", "mse_loss", "ops", "resolve",
+    "dropout", "flatten", "batch_norm", "log_softmax", "cross_entropy", "CE_TARGET_GRADS", "mse_loss", "ops", "resolve",
 ]

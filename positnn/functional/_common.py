@@ -63,7 +63,8 @@ def _weight_copies(lp: LayerPolicy, weight: torch.Tensor | None, bias: torch.Ten
 def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor: float, lp: LayerPolicy,
                  stats: LayerStats | None) -> list[torch.Tensor | None]:
     """Finish a layer's G-quire parameter gradients [(g, param), ...] in one go (one
-    division and at most one O rounding for all of them): divide by ``divisor`` in G, then
+    division and at most one O rounding for all of them): divide by ``divisor`` (rounded to
+    G) in G, then
     add into each parameter's O ``.grad``. Returns, per parameter, what autograd should
     accumulate (None where the O sum was done in place, or where the parameter is None)."""
     wanted = [p is not None for _, p in parts]
@@ -74,7 +75,8 @@ def _param_grads(parts: list[tuple[torch.Tensor, torch.Tensor | None]], divisor:
     flat = torch.cat([g.reshape(-1) for g, _ in parts]) if len(parts) > 1 else parts[0][0].reshape(-1)
     _record(stats, "gradient", flat, G)  # the quire results, before the division shrinks them
     if divisor != 1:
-        flat = G.div(flat, float(divisor))
+        # The divisor as a G value, as PositNN's StdTensor /= T(batch_size).
+        flat = G.div(flat, G.constant(float(divisor)))
     pieces = flat.split([p.numel() for _, p in parts])
     if O.native:  # autograd's own float accumulation is then the O sum
         return _spread([g.view(p.shape) for g, (_, p) in zip(pieces, parts)], wanted)

@@ -108,7 +108,9 @@ class _Conv2d(torch.autograd.Function):
                 # dL/dW: one G quire per weight over all N * Hout * Wout positions.
                 gw = G.conv2d_weight_grad(x_g, d_g, ctx.weight.shape, *ctx.geometry)
             if ctx.needs_input_grad[2]:
-                gb = G.sum(d_g.transpose(0, 1).reshape(d_g.shape[1], -1), 1)  # over (N, Hout, Wout)
+                # As PositNN (Conv2d::gradient): each sample's sum over (Hout, Wout) rounded
+                # to G, then the sum over the batch rounded again.
+                gb = G.sum(G.sum(d_g, (2, 3)), 0)
             gw, gb = _param_grads([(gw, ctx.weight if gw is not None else None),
                                    (gb, ctx.bias if gb is not None else None)], div, lp, stats)
         return gx, gw, gb, None, None, None, None, None, None
@@ -134,7 +136,8 @@ def conv2d(
     Forward: one F quire per output with the bias inside. Backward: the input error is a
     convolution of the dilated, padded output error with the rotated B kernel (one B quire
     per input element); the weight gradient is one G quire per weight over the unfolded
-    input (K = N * output positions), divided by N in G and added into the O ``.grad``.
+    input (K = N * output positions), divided by N in G and added into the O ``.grad``; the
+    bias gradient sums each sample's output positions in a G quire, then those sums.
     """
     lp = resolve(policy)
     geometry = (_pair(stride), _pair(padding), _pair(dilation), int(groups))

@@ -55,10 +55,16 @@ def _loss_grad_factor(lp: LayerPolicy, gy: torch.Tensor, count: int, batch: int)
     return f / (count / batch) if positnn else f / count
 
 
+# How the target-class term of the cross-entropy gradient, p_t - 1 = (e_t - s) / s, is
+# rounded: "fam" as PositNN (CrossEntropyLoss.hpp, derivative()): (e_t - s) * (1/s) in one
+# fused add-multiply, 1/s rounded to L first; "divide": round(e_t / s), then - 1 rounded.
+CE_TARGET_GRADS = ("fam", "divide")
+
+
 class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     @fresh
-    def forward(ctx, x, target, lp: LayerPolicy):
+    def forward(ctx, x, target, lp: LayerPolicy, target_grad: str):
         L = stage(lp, "loss")
         z, e, s = _softmax_parts(x, 1, lp)
         z_t = z.gather(1, target.unsqueeze(1))
@@ -66,7 +72,7 @@ class _CrossEntropy(torch.autograd.Function):
         n = per_sample.shape[0]
         loss = L.div(L.sum(per_sample, 0), float(n))
         ctx.save_for_backward(e, s, target)
-        ctx.lp = lp
+        ctx.lp, ctx.target_grad = lp, target_grad
         return loss
 
     @staticmethod
@@ -76,25 +82,36 @@ class _CrossEntropy(torch.autograd.Function):
         L = stage(lp, "loss")
         softmax = L.div(e, s)
         idx = target.unsqueeze(1)
-        g = softmax.scatter(1, idx, L.sub(softmax.gather(1, idx), 1.0))  # softmax - onehot
+        if ctx.target_grad == "fam":
+            # One rounding of (e_t - s) * (1/s), as PositNN, not two (round(e_t / s) - 1).
+            g_t = L.fam(e.gather(1, idx), -s, L.div(1.0, s))
+        else:
+            g_t = L.sub(softmax.gather(1, idx), 1.0)
+        g = softmax.scatter(1, idx, g_t)  # softmax - onehot
         factor = _loss_grad_factor(lp, gy, g.shape[0], g.shape[0])
         if factor != 1.0:
             g = L.mul(g, factor)
-        return g, None, None
+        return g, None, None, None
 
 
-def cross_entropy(x: torch.Tensor, target: torch.Tensor, policy: PolicySpec = None) -> torch.Tensor:
+def cross_entropy(x: torch.Tensor, target: torch.Tensor, policy: PolicySpec = None, *,
+                  target_grad: str = "fam") -> torch.Tensor:
     """Mean cross entropy of logits (N, C) and class indices (N,), in L.
 
     Softmax as exp(x - max) with the sum in an L quire; the loss value (mean of
     log(sum) - z_target, the sum in a quire) is for reporting. The gradient is softmax -
-    onehot in L, unscaled under the "positnn" reduction (the layers divide by N), divided
-    by N under "mean", times the upstream gradient and the static loss scale.
+    onehot in L: e_k / s for the other classes and, for the target class, PositNN's
+    (e_t - s) * (1/s) with one rounding (``target_grad="fam"``, see :mod:`positnn.fam`) or
+    round(e_t / s) - 1 (``"divide"``); unscaled under the "positnn" reduction (the layers
+    divide by N), divided by N under "mean", times the upstream gradient and the static
+    loss scale.
     """
     if x.dim() != 2 or target.dim() != 1 or target.dtype.is_floating_point:
         raise ValueError(f"cross_entropy expects logits (N, C) and int class indices (N,), got {tuple(x.shape)} "
                          f"and {tuple(target.shape)} {target.dtype}")
-    return _CrossEntropy.apply(x, target, resolve(policy))
+    if target_grad not in CE_TARGET_GRADS:
+        raise ValueError(f"target_grad must be one of {CE_TARGET_GRADS}, got {target_grad!r}")
+    return _CrossEntropy.apply(x, target, resolve(policy), target_grad)
 
 
 class _MSE(torch.autograd.Function):

@@ -54,15 +54,19 @@ class _Loss(PositModule):
 
 class CrossEntropyLoss(_Loss):
     """Cross entropy of logits and class indices in L: softmax as exp(x - max) with an L
-    quire sum, gradient softmax - onehot (unscaled under the "positnn" reduction)."""
+    quire sum, gradient softmax - onehot (unscaled under the "positnn" reduction), its
+    target-class term rounded as ``target_grad`` says (``positnn.functional.cross_entropy``;
+    default "fam", PositNN's)."""
 
     def __init__(self, policy: PolicySpec = None, name: str = "loss", *, on_nar: str | None = None,
                  reduction: str = "mean", weight: torch.Tensor | None = None, ignore_index: int = -100,
-                 label_smoothing: float = 0.0) -> None:
+                 label_smoothing: float = 0.0, target_grad: str = "fam") -> None:
         super().__init__(policy, name, on_nar=on_nar, reduction=reduction)
         if weight is not None or label_smoothing != 0.0:
             raise ValueError("posit CrossEntropyLoss supports neither class weights nor label smoothing")
-        self.ignore_index = ignore_index
+        if target_grad not in PF.CE_TARGET_GRADS:
+            raise ValueError(f"target_grad must be one of {PF.CE_TARGET_GRADS}, got {target_grad!r}")
+        self.ignore_index, self.target_grad = ignore_index, target_grad
 
     @classmethod
     def from_float(cls, module: nn.CrossEntropyLoss, policy: PolicySpec = None, name: str = "loss") -> "CrossEntropyLoss":
@@ -72,7 +76,7 @@ class CrossEntropyLoss(_Loss):
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if (target == self.ignore_index).any():
             raise ValueError(f"posit CrossEntropyLoss does not support ignore_index (target holds {self.ignore_index})")
-        return self._check(PF.cross_entropy(x, target, self.policy))
+        return self._check(PF.cross_entropy(x, target, self.policy, target_grad=self.target_grad))
 
 
 class MSELoss(_Loss):
