@@ -294,6 +294,20 @@ class Float:
         """a * b + c with a single rounding."""
         return _launch(fa.fused_multiply_add, self, (a, b, c), not self.subnormals)
 
+    def fam(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
+        """(a + b) * c by the steps of PositNN's ``fam_corrected`` (``positnn.fam``) with this
+        format's fraction width: the sum aligned with a sticky bit two places below the
+        larger operand's last mantissa bit, the product exact, one rounding. Exactly
+        (a + b) * c rounded once whenever a + b is exact on that grid."""
+        from .fam import fam
+
+        return fam(a, b, c, self)
+
+    @property
+    def _fam_params(self) -> tuple[int, float]:
+        """(fraction bits, value of a zero operand) of ``positnn.fam``."""
+        return self.man_bits, 0.0
+
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for format values; other inputs are rounded)."""
         return self.round(-_as_tensor(a))

@@ -230,6 +230,12 @@ class Posit:
 
         return fam(a, b, c, self)
 
+    @property
+    def _fam_params(self) -> tuple[int, float]:
+        """(fraction bits, value of a zero operand) of ``positnn.fam``: Universal's
+        fbits = n - 3 - es, and the scale it decodes from the zero pattern."""
+        return max(self.nbits - 3 - self.es, 0), 2.0 ** (-(self.nbits - 1) * (1 << self.es))
+
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for posit inputs; other inputs are rounded)."""
         return self.round(-_as_tensor(a))

@@ -154,3 +154,32 @@ def test_lenet_steps_keep_every_stage_in_its_format(recipe, scaling):
     fresh.load_state_dict(state)
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a.detach(), b.detach())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from([E4M3, E5M2, FP16, BF16]), st.data())
+def test_float_fam_is_the_sum_times_c_rounded_once_when_the_sum_is_on_its_grid(fmt, data):
+    """Float.fam (PositNN's fam_corrected steps with the float's mantissa width; the
+    cross-entropy's target-class gradient) against the Fraction reference: whenever a + b
+    is a multiple of the alignment grid 2**(top - man_bits - 3), the result is
+    (a + b) * c rounded once."""
+    v = finite_values_of(fmt)
+    a, b, c = (float(v[data.draw(st.integers(0, len(v) - 1))]) for _ in range(3))
+    got = float(fmt.fam(torch.tensor([a]), torch.tensor([b]), torch.tensor([c]))[0])
+    big = max(abs(a), abs(b))
+    s = ref.Spec(fmt.exp_bits, fmt.man_bits, fmt.subnormals, fmt.specials == "fn", fmt.overflow)
+    exact = (Fraction(a) + Fraction(b)) * Fraction(c)
+    if big == 0 or exact == 0:
+        assert got == 0
+        return
+    unit = Fraction(2) ** (math.frexp(big)[1] - 1 - fmt.man_bits - 3)
+    if ((Fraction(a) + Fraction(b)) / unit).denominator == 1:
+        assert got == ref.round_exact(exact, s)
+
+
+def finite_values_of(fmt):
+    if fmt.nbits <= 8:
+        v = fmt.values().double()
+    else:  # a spread of values: float(e, 4) values are values of fp16 and bf16
+        v = Float(fmt.exp_bits, 4).values().double()
+    return v[torch.isfinite(v)]
