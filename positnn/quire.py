@@ -23,10 +23,12 @@ floats follow their preset (fp8e4m3 saturates at 448, the IEEE-like formats roun
 past max + ulp/2, as ``Float.round``). An exact zero sum is +0.
 
 Inputs are taken as exact real values (posits of any format, or any floats); for posits
-NaN and +-inf are NaR and make every output they touch NaR; for floats every exact-mode
-output a NaN or an infinity touches is NaN (not IEEE's inf for sums of same-signed infs). Exact mode raises ValueError when products
+NaN and +-inf are NaR and make every output they touch NaR; for floats every output a NaN
+or an infinity touches is NaN or the infinity float64 arithmetic gives (inf + 1 = inf;
+fp8e4m3, which has no infinity, saturates it to +-448 as its ``round`` does), not always
+IEEE's verdict. Exact mode raises ValueError when products
 would leave float64's range (below 2**-1074 or above 2**1020 / K), which posits of every
-format with max_exponent <= 500 never do.
+format with max_exponent <= 500, and floats of at most 9 exponent bits, never do.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ _NO_EXP = slicing.NO_BITS  # "exponent" of an all-zero row
 _DBL_MAX, _DBL_TRUE_MIN = float(np.finfo(np.float64).max), 2.0**-1074
 # Exact mode computes in float64, so every product must lie within its range: the lowest
 # bits of a and b may add up to no less than 2**-1074, their tops to at most 2**1020 / K.
-# Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit.
+# Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit,
+# and floats with at most 9 exponent bits (fp8, fp16, bf16, fp32: products >= 2**-298).
 LOWEST_BIT, HIGHEST_BIT = -1074, 1020
 
 
@@ -130,7 +133,7 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     if not _products_fit(ta, la, tb, lb, K):
         raise ValueError(
             f"the exact quire works in float64, but products of these operands span 2**{la + lb} to 2**{ta + tb} "
-            f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 always fit"
+            f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 and floats with at most 9 exponent bits always fit"
         )
     wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))), a.numel(), b.numel(), nb * M * N)
     lhs = _slices(a64, top_a, span_a, wa)  # (B, P*M, K)
