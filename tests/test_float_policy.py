@@ -39,6 +39,16 @@ def test_float_recipes(recipe, stages, quire_mode):
     assert Policy.from_dict(p.to_dict()) == p  # formats by name, back to equal values
 
 
+def test_per_layer_float_overrides():
+    """Floats and posits mix per layer, by name or glob, and the override reaches the ops."""
+    p = Policy.parse("fp8e4m3-Bfp8e5m2-Gfp8e5m2-O16-L16q")
+    p = Policy.from_dict(p.to_dict() | {"layers": {"fc*": {"F": "bf16", "scaling": "tensorwise"}, "conv1": {"B": "posit8"}}})
+    fc, conv = p.for_layer("fc3"), p.for_layer("conv1")
+    assert (fc.forward, fc.backward, fc.scaling) == (BF16, E5M2, "tensorwise")
+    assert (conv.forward, conv.backward, conv.scaling) == (E4M3, P8, "none")
+    assert Stage.of(fc, "forward").fmt == BF16 and Policy.from_dict(p.to_dict()) == p
+
+
 def test_bad_float_names_list_the_float_forms():
     with pytest.raises(ValueError) as info:
         Policy.parse("fp8e4m3-Bfp9e9m9q")
