@@ -193,3 +193,29 @@ def finite_values_of(fmt):
     else:  # a spread of values: float(e, 4) values are values of fp16 and bf16
         v = Float(fmt.exp_bits, 4).values().double()
     return v[torch.isfinite(v)]
+
+
+@pytest.mark.parametrize("scaling", ["none", "tensorwise"])
+def test_any_model_engine_trains_in_float_stages(scaling):
+    """A model with no positnn layer of its own (LayerNorm, GELU: the engine) trains with
+    fp8 F/B/G and bf16 O/L, with torch's loss and positnn's AdamW; masters stay bf16."""
+    import torch.nn as nn
+    import torch.nn.functional as TF
+    from positnn.optim import AdamW
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 4))
+    policy = Policy.from_dict({"recipe": "fp8e4m3-Bfp8e5m2-Gfp8e5m2-Obf16-Lbf16q", "scaling": scaling})
+    model = convert(model, policy)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    x, y = torch.randn(32, 8), torch.randint(0, 4, (32,))
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = TF.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+    for p in model.parameters():
+        assert torch.equal(BF16.round(p.detach()).to(p.dtype), p.detach())
