@@ -1,13 +1,14 @@
 """positnn: deep learning in simulated posit arithmetic, on PyTorch.
 
 Layers, each importing only those before it: ``kernels`` (the numba loops) ->
-``backends`` (who runs the element-wise loops of a device; numba on the CPU) -> ``format``
+``backends`` (who runs the element-wise loops and the quire's kernels of a device; numba on
+the CPU, Triton on CUDA) -> ``format``
 (the Posit format: rounding, bit patterns, correctly rounded ops) and ``floatformat`` (the
 Float formats, fp8 to fp32, with the same interface) -> ``quire`` (exact dot
 products, matmul, conv), ``rounding`` (bare-format helpers), ``stats`` (NaR counters) and
 ``reduction`` (the gradient scale a loss announces) -> ``policy`` (the five stages, per
-layer) -> ``stage`` (one stage's numerics as a value) -> ``functional`` (the autograd ops of
-the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, ``convert``
+layer) -> ``stage`` (one stage's numerics as a value) -> ``distributed`` (batch reductions
+summed over processes as quire limbs) -> ``functional`` (the autograd ops of the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, ``convert``
 -> ``data``, ``models``, ``report``, ``train``, ``reproduce`` -> ``cli``. Nothing imports
 ``cli``.
 """
@@ -15,6 +16,7 @@ the paper's layers) -> ``nn`` -> ``engine`` (any model, op by op) -> ``optim``, 
 __version__ = "0.1.0"
 
 from . import backends as backends  # noqa: E402
+from . import distributed as distributed  # noqa: E402
 from . import functional as functional  # noqa: E402
 from . import nn as nn  # noqa: E402
 from . import optim as optim  # noqa: E402
@@ -27,4 +29,4 @@ from .format import Posit as Posit  # noqa: E402
 from .policy import LayerPolicy as LayerPolicy  # noqa: E402
 from .policy import Policy as Policy  # noqa: E402
 
-__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "functional", "nn", "optim", "quire", "stats"]
+__all__ = ["Float", "LayerPolicy", "Policy", "Posit", "backend", "backends", "convert", "distributed", "functional", "nn", "optim", "quire", "stats"]

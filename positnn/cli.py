@@ -45,6 +45,10 @@ def _add_train(sub) -> None:
     p.add_argument("--out", help="run directory (default: runs/DATASET-MODEL-POLICY)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="train data-parallel in N processes on this machine (runs torchrun --standalone)")
+    p.add_argument("--collective-timeout", type=float, default=None,
+                   help="distributed runs: seconds before a collective with a dead rank fails (default: 300)")
 
 
 def _cmd_train_lm(args) -> int:
@@ -75,13 +79,69 @@ def _cmd_train_lm(args) -> int:
     return 0
 
 
+_LAUNCH = {"nproc_per_node", "collective_timeout", "argv"}
+
+
 def _cmd_train(args) -> int:
+    import os
+
+    if args.nproc_per_node is not None and "RANK" not in os.environ:
+        return _launch(args)
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return _train_distributed(args)
+    return _train_here(args)
+
+
+def _launch(args) -> int:
+    """``positnn train --nproc-per-node N ...`` as ``torchrun --standalone --nproc-per-node
+    N -m positnn train ...`` (the same arguments, less the launch option)."""
+    import subprocess
+
+    if args.nproc_per_node < 1:
+        raise ValueError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    rest, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+        elif a == "--nproc-per-node":
+            skip = True
+        elif not a.startswith("--nproc-per-node="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+           "-m", "positnn", *rest]
+    return subprocess.call(cmd)
+
+
+def _train_distributed(args) -> int:
+    """One rank of a torchrun launch: join the group, train on this rank's shares. A rank
+    whose peer died stops with an error naming itself (the collective timeout bounds the
+    wait) instead of hanging; the last checkpoint, written whole by rank 0, stays."""
+    from . import distributed
+
+    timeout = distributed.DEFAULT_TIMEOUT_S if args.collective_timeout is None else args.collective_timeout
+    reducer = distributed.init_from_env(timeout)
+    try:
+        with distributed.reducing(reducer):
+            return _train_here(args)
+    except RuntimeError as e:  # torch.distributed's errors: a peer closed the connection, a timeout
+        print(f"error: rank {reducer.rank} of {reducer.world}: a collective failed, so the run stops "
+              f"(another rank died or timed out; resume with --resume): {str(e).splitlines()[0] if str(e) else e!r}",
+              file=sys.stderr, flush=True)
+        return 1
+    finally:
+        distributed.shutdown()
+
+
+def _train_here(args) -> int:
+    from . import distributed
     from .train import read_checkpoint, resume_config, train
 
     if getattr(args, "model", None) == "gpt" or getattr(args, "dataset", None) == "tinyshakespeare":
+        if distributed.active() is not None:
+            raise ValueError("--model gpt does not train distributed yet (image models only)")
         return _cmd_train_lm(args)
     lm_only = sorted(k for k in vars(args) if k not in {f.name for f in _OPTIONS} | {"out", "resume", "no_progress",
-                                                                                     "command"})
+                                                                                     "command"} | _LAUNCH)
     if lm_only:
         raise ValueError(f"option(s) {', '.join('--' + k.replace('_', '-') for k in lm_only)} apply to --model gpt only")
     given = {f.name: getattr(args, f.name) for f in _OPTIONS if hasattr(args, f.name)}
@@ -97,12 +157,14 @@ def _cmd_train(args) -> int:
         cfg = resume_config(saved, given, out)
     else:
         cfg = TrainConfig(**given)
-    print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}")
+    lead = distributed.rank() == 0
+    if lead:
+        print(f"training {cfg.model} on {cfg.dataset} with {cfg.policy} into {out}", flush=True)
     try:
         history = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
-    if history:
+    if history and lead:
         print(f"final test top-1 {history[-1]['top1']:.2f}%; metrics in {out}/metrics.csv")
     return 0
 
@@ -263,7 +325,9 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "quantize-eval": _cmd_quanti
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``positnn`` command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -169,7 +169,7 @@ class Posit:
         x = _check_float(x, "x")
         if rounding == "nearest":
             return backend_for(x.device).round_nearest(x, self, underflow)
-        rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator))
+        rand = torch.rand(x.shape, generator=generator, dtype=torch.float64, device=_gen_device(generator, x.device))
         return backend_for(x.device).round_stochastic(x, rand, self, underflow)
 
     def encode(self, x: torch.Tensor, *, round: bool = False) -> torch.Tensor:
@@ -313,5 +313,7 @@ def _as_tensor(x: TensorLike) -> torch.Tensor:
     raise TypeError(f"operands must be floating-point tensors or Python numbers, got {_describe(x)}")
 
 
-def _gen_device(generator: torch.Generator | None) -> torch.device:
-    return generator.device if generator is not None else torch.device("cpu")
+def _gen_device(generator: torch.Generator | None, default: torch.device | str = "cpu") -> torch.device:
+    """Where the uniforms are drawn: on the generator's device, else on ``default`` (the
+    tensor's device for posits, so a CUDA tensor draws from CUDA's Philox generator)."""
+    return generator.device if generator is not None else torch.device(default)

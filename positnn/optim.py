@@ -166,7 +166,9 @@ def sgd_update(params: list[torch.Tensor], states: list[dict], *, lr: float, mom
             st["momentum_buffer"] = chunk.clone().view_as(p)
         g = O.fma(m, buf, g) if nesterov else buf
     new = _fused(O, lp, -round_scalar(lr, O), g, w, generator)
-    clean = -O.maxpos < new.amin().item() and new.amax().item() < O.maxpos  # one check for all (NaN fails)
+    # One check for all (NaN fails) on the CPU; on a device the counters accumulate there
+    # (positnn.stats), so every parameter is recorded and nothing is read back per step.
+    clean = new.device.type == "cpu" and -O.maxpos < new.amin().item() and new.amax().item() < O.maxpos
     for p, chunk in zip(params, new.split([p.numel() for p in params])):
         p.copy_(chunk.view_as(p))
         if not clean:

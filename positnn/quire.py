@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .backends import backend_for
 from .floatformat import Float
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
@@ -79,10 +80,7 @@ def _scan(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, 
     """Rows of x (B, R, K) as float64, their top exponents, the widest row span in bits,
     and (highest top, lowest bit) over all rows."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    top = torch.empty(flat.shape[0], dtype=torch.int64)
-    low = torch.empty(flat.shape[0], dtype=torch.int64)
-    copy = flat if flat.dtype == torch.float64 else torch.empty(flat.shape, dtype=torch.float64)
-    slicing.scan_rows(flat.numpy(), top.numpy(), low.numpy(), copy.numpy(), copy is not flat)
+    copy, top, low = backend_for(x.device).scan_rows(flat)
     used = low < slicing.NO_BITS
     if not used.any():
         return copy.view(x.shape), top, 0, (0, 0)
@@ -114,8 +112,7 @@ def _slices(x: torch.Tensor, top: torch.Tensor, span: int, w: int) -> torch.Tens
     if S == 1:
         return x
     nb, R, K = x.shape
-    out = torch.empty((nb, S, R, K), dtype=torch.float64)
-    slicing.split_rows(x.reshape(-1, K).numpy(), top.numpy(), w, out.numpy())
+    out = backend_for(x.device).split_rows(x.reshape(-1, K), top, w, (nb, S, R, K))
     return out.view(nb, S * R, K)
 
 
@@ -140,15 +137,13 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     rhs = _slices(bt64, top_b, span_b, wb)  # (B, Q*N, K)
     P, Q = lhs.shape[1] // M, rhs.shape[1] // N
     G = torch.matmul(lhs, rhs.transpose(-1, -2))
-    out = torch.empty((nb, M, N), dtype=fmt.dtype)
-    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else bias.reshape(N).contiguous()
+    be = backend_for(G.device)
+    bias_v = None if bias is None else bias.reshape(N).contiguous()
     if P == Q == 1 and bias is None:
-        acc.round_flat(G.reshape(-1).contiguous().numpy(), out.view(-1).numpy(), fmt._accumulate_params(underflow))
-    elif P == Q == 1:
-        acc.round_sum(G.numpy(), bias_v.numpy(), False, out.numpy(), fmt._accumulate_params(underflow))
-    else:
-        acc.round_terms(G.numpy(), P, Q, bias_v.numpy(), out.numpy(), fmt._accumulate_params(underflow))
-    return out
+        return be.round_flat(G, fmt, underflow)
+    if P == Q == 1:
+        return be.round_sum(G, bias_v, False, fmt, underflow)
+    return be.round_terms(G, P, Q, bias_v, fmt, underflow)
 
 
 def matmul(
@@ -189,9 +184,10 @@ def matmul(
         if bias is not None:
             out = out + fmt.round(bias.detach().cpu().reshape(N))
         return _squeeze(out, squeeze_rows, squeeze_cols).to(device)
-    a3 = _host(a2).expand(*batch, M, K).reshape(-1, M, K)
-    b3 = _host(b2).expand(*batch, K, N).reshape(-1, K, N)
-    bias64 = None if bias is None else bias.detach().cpu().double().reshape(N)
+    keep = _operand if mode == "exact" else _host  # the exact quire runs where its backend does
+    a3 = keep(a2).expand(*batch, M, K).reshape(-1, M, K)
+    b3 = keep(b2).expand(*batch, K, N).reshape(-1, K, N)
+    bias64 = None if bias is None else keep(bias).double().reshape(N)
 
     if mode == "exact":
         out = _exact_bmm(a3, b3, bias64, fmt, underflow)
@@ -452,6 +448,15 @@ def _host(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.double()
 
 
+def _operand(x: torch.Tensor) -> torch.Tensor:
+    """x as float32 or float64 where the exact quire's backend for its device computes:
+    on that device for a device-resident backend (Triton), else on the host."""
+    if not getattr(backend_for(x.device), "DEVICE_RESIDENT", False):
+        return _host(x)
+    x = x.detach()
+    return x if x.dtype in (torch.float32, torch.float64) else x.double()
+
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -472,8 +477,8 @@ def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int) -> tuple[int, int
     <= 53, so each of the P * Q slice-pair ops is exact; their results are summed in limbs.
     NaR gives None (the slower path keeps NaR where it belongs).
     """
-    ta, la, bad_a = slicing.global_span(_host(a).reshape(-1).contiguous().numpy())
-    tb, lb, bad_b = slicing.global_span(_host(b).reshape(-1).contiguous().numpy())
+    ta, la, bad_a = backend_for(a.device).global_span(_operand(a))
+    tb, lb, bad_b = backend_for(b.device).global_span(_operand(b))
     if bad_a or bad_b:
         return None
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
@@ -500,11 +505,10 @@ def _whole_window(x_shape, w_shape, stride, padding, dilation, groups) -> bool:
 
 def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.Tensor]:
     """x as float64, or as ``count`` exact slices of w bits below 2**top summing to it."""
-    x64 = _host(x).double()
+    x64 = _operand(x).double()
     if count == 1:
         return [x64]
-    out = torch.empty((count, x64.numel()), dtype=torch.float64)
-    slicing.split_flat(x64.reshape(-1).contiguous().numpy(), top, w, out.numpy())
+    out = backend_for(x64.device).split_flat(x64, top, w, count)
     return list(out.view(count, *x64.shape).unbind(0))
 
 
@@ -519,23 +523,18 @@ def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: NumberFormat, un
     y = torch.stack(ys)  # (T, N, C, H, W)
     t, n, c = y.shape[:3]
     g = y.reshape(t, n, c, -1).contiguous()
-    out = torch.empty(g.shape[1:], dtype=fmt.dtype)
-    bias_v = torch.empty(0, dtype=torch.float64) if bias is None else _host(bias).double().reshape(c).contiguous()
-    acc.round_stack(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt._accumulate_params(underflow))
-    return out.view(y.shape[1:])
+    bias_v = None if bias is None else _operand(bias).double().reshape(c)
+    return backend_for(g.device).round_stack(g, bias_v, True, fmt, underflow).view(y.shape[1:])
 
 
 def _round_exact(y: torch.Tensor, fmt: NumberFormat, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Round exact float64 conv results (N, C, H, W) once, with a per-channel bias inside."""
     n, c = y.shape[:2]
     g = y.reshape(n, c, -1).contiguous()
-    out = torch.empty(g.shape, dtype=fmt.dtype)
+    be = backend_for(g.device)
     if bias is None:
-        acc.round_flat(g.view(-1).numpy(), out.view(-1).numpy(), fmt._accumulate_params(underflow))
-        return out.view(y.shape)
-    bias_v = _host(bias).double().reshape(c).contiguous()
-    acc.round_sum(g.numpy(), bias_v.numpy(), True, out.numpy(), fmt._accumulate_params(underflow))
-    return out.view(y.shape)
+        return be.round_flat(g, fmt, underflow).view(y.shape)
+    return be.round_sum(g, _operand(bias).double().reshape(c), True, fmt, underflow).view(y.shape)
 
 
 def conv2d(
@@ -817,3 +816,61 @@ def _product_error(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.T
     bh = cb - (cb - b)
     al, bl = a - ah, b - bh
     return ((ah * bh - p) + ah * bl + al * bh) + al * bl
+
+
+def matmul_quire(a: torch.Tensor, b: torch.Tensor, fmt: NumberFormat) -> tuple[Quire, torch.Tensor]:
+    """a @ b (2-D, or 3-D batched with equal batch sizes) as unrounded quire state.
+
+    Returns a :class:`Quire` of ``fmt`` of shape (*batch, M, N) holding every output's exact
+    sum, and a bool tensor of that shape marking the outputs a NaR operand reaches (a
+    quire cannot hold NaR). The slice GEMMs are those of ``matmul(mode="exact")``; their
+    exact float64 results are added into the limbs instead of being rounded, so quires of
+    two halves of K added limb by limb (``Quire.__add__``, an int64 all-reduce) hold the
+    whole sum. Operands must be values of ``fmt`` (or of a format its quire contains):
+    products below minpos**2 raise ValueError.
+    """
+    _check_operand(a, "a")
+    _check_operand(b, "b")
+    if a.dim() not in (2, 3) or b.dim() != a.dim() or a.shape[-1] != b.shape[-2] or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"matmul_quire takes (M, K) @ (K, N) or (B, M, K) @ (B, K, N), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    batch = tuple(a.shape[:-2])
+    a3 = _host(a).reshape(-1, *a.shape[-2:])
+    b3 = _host(b).reshape(-1, *b.shape[-2:])
+    nb, M, K = a3.shape
+    N = b3.shape[-1]
+    q = Quire(fmt, (*batch, M, N))
+    nar = torch.zeros((nb, M, N), dtype=torch.bool)
+    if K == 0 or M == 0 or N == 0 or nb == 0:
+        return q, nar.view(*batch, M, N)
+    a64, top_a, span_a, (ta, la) = _scan(a3)
+    bt64, top_b, span_b, (tb, lb) = _scan(b3.transpose(-1, -2))
+    if span_a and span_b and not _products_fit(ta, la, tb, lb, K):
+        raise ValueError(f"matmul_quire: products of these operands span 2**{la + lb} to 2**{ta + tb} (K = {K}), "
+                         f"beyond float64's exact range")
+    wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))), a3.numel(), b3.numel(), nb * M * N)
+    lhs = _slices(a64, top_a, span_a, wa)
+    rhs = _slices(bt64, top_b, span_b, wb)
+    P, Q = lhs.shape[1] // M, rhs.shape[1] // N
+    terms = torch.matmul(lhs, rhs.transpose(-1, -2)).view(nb, P, M, Q, N)
+    nar |= (~torch.isfinite(terms)).any(3).any(1)
+    for p in range(P):
+        for s in range(Q):
+            t = terms[:, p, :, s, :].contiguous().view(-1)
+            bad = acc.quire_add(q.limbs.numpy(), t.numpy(), q.lsb, False)
+            if bad:
+                raise ValueError(f"matmul_quire: {bad} product sum(s) are not multiples of minpos**2 of {fmt}: the "
+                                 f"operands are not {fmt} values")
+            acc.quire_add(q.limbs.numpy(), t.numpy(), q.lsb, True)
+    return q, nar.view(*batch, M, N)
+
+
+def round_quire(q: Quire, nar: torch.Tensor | None = None, underflow: bool = False) -> torch.Tensor:
+    """Every quire of ``q`` rounded once to its format (``Quire.to_posit``), NaR (NaN)
+    where ``nar`` is set. The limbs may be sums of up to ``LIMB_BOUND >> LIMB`` quires'
+    digits (an all-reduce that did not carry): the rounding carries them in int64 first."""
+    if q.limbs.numel() and int(q.limbs.abs().max()) > LIMB_BOUND:
+        raise ValueError(f"quire limbs exceed 2**{LIMB_BOUND.bit_length() - 1}: more than "
+                         f"{LIMB_BOUND >> acc.LIMB} quires were summed without carrying")
+    out = q.to_posit(underflow)
+    return out if nar is None else out.masked_fill(nar.view(out.shape), float("nan"))

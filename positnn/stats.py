@@ -5,6 +5,10 @@ produces, how many elements are NaR and how many sit at +-maxpos (saturated: the
 value was at least maxpos in magnitude, or was exactly maxpos; the rounded value cannot
 tell the two apart). Counters live on each posit module (``module.posit_stats``) and are
 read with :func:`counters` and cleared with :func:`reset`.
+
+On an accelerator (any device but the CPU) the counts accumulate in a small tensor on the
+tensor's device, with no host synchronisation per op; they are read back only when the
+counters are read (``as_dict``, ``counts``).
 """
 
 from __future__ import annotations
@@ -17,17 +21,39 @@ from .format import Posit
 KINDS = ("nar", "saturation")
 
 
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether ``t``'s counts are read at once (CPU) or accumulate on its device."""
+    return t.device.type == "cpu"
+
+
 class LayerStats:
     """Event counters of one module: ``counts[stage][kind]`` with kind "nar" or
     "saturation" and stage one of the five policy stages."""
 
-    __slots__ = ("counts",)
+    __slots__ = ("_counts", "_pending")
 
     def __init__(self) -> None:
-        self.counts: dict[str, dict[str, int]] = {}
+        self._counts: dict[str, dict[str, int]] = {}
+        # stage -> int64 tensor [nar, saturation] on a device, not yet read back
+        self._pending: dict[str, torch.Tensor] = {}
+
+    @property
+    def counts(self) -> dict[str, dict[str, int]]:
+        """``{stage: {kind: n}}``, with the device-side counts read back first."""
+        self._flush()
+        return self._counts
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for stage, t in pending.items():
+            nar, sat = (int(v) for v in t.tolist())
+            if nar or sat:  # as on the CPU, a stage with no event gets no bucket
+                c = self._bucket(stage)
+                c["nar"] += nar
+                c["saturation"] += sat
 
     def _bucket(self, stage: str) -> dict[str, int]:
-        return self.counts.setdefault(stage, {k: 0 for k in KINDS})
+        return self._counts.setdefault(stage, {k: 0 for k in KINDS})
 
     def record(self, stage: str, t: torch.Tensor, fmt: Posit | None) -> None:
         """Count the NaR and saturated elements of ``t`` (values in ``fmt``) under ``stage``.
@@ -38,6 +64,11 @@ class LayerStats:
         if fmt is None or t.numel() == 0:
             return
         t = t.detach()
+        if not _on_host(t):
+            events = torch.stack([torch.isnan(t).sum(), (t.abs() >= fmt.maxpos).sum()])
+            prev = self._pending.get(stage)
+            self._pending[stage] = events if prev is None else prev + events
+            return
         if -fmt.maxpos < t.amin().item() and t.amax().item() < fmt.maxpos:
             return
         nar = int(torch.isnan(t).sum())
@@ -54,7 +85,8 @@ class LayerStats:
         return {stage: dict(c) for stage, c in self.counts.items()}
 
     def reset(self) -> None:
-        self.counts.clear()
+        self._counts.clear()
+        self._pending.clear()
 
     def __repr__(self) -> str:
         return f"LayerStats({self.as_dict()})"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import __version__, stats
+from . import __version__, distributed, stats
 from . import nn as pnn
 from .convert import convert
 from .data import INPUT_SHAPE, NUM_CLASSES, canonical_name, load_dataset
@@ -258,7 +258,20 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
     new. ``stop_after`` ends the call after that many epochs of this invocation, leaving a
     resumable run (used by tests to stand for a kill). Ctrl-C likewise leaves the last
     completed epoch resumable (a checkpoint is written before the first epoch too).
+
+    Inside ``positnn.distributed.reducing(reducer)`` (``torchrun ... -m positnn train``)
+    each rank trains on its share of every global batch (``batch_size`` is the global
+    batch); every rank checks ``out`` and reads the checkpoint, only rank 0 writes and
+    logs. A checkpoint does not depend on the world size, so a run resumes on any number
+    of processes.
     """
+    reducer = distributed.active()
+    lead = reducer is None or reducer.rank == 0
+    if reducer is not None and reducer.world > 1 and is_float(config.resolved_policy()):
+        raise ValueError("the float32 baseline trains torch's own layers, which positnn.distributed does not reduce; "
+                         "run it in one process, or with torch's DistributedDataParallel")
+    if not lead:
+        log, progress = (lambda _msg: None), False
     out = Path(out)
     ckpt_path = out / CHECKPOINT
     if resume:
@@ -289,11 +302,14 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
                              f"give an empty or new folder")
         config = config.pinned()
         run = build(config)
-        out.mkdir(parents=True, exist_ok=True)
         history, start_epoch = [], 0
-        (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions()}, indent=2))
-        # An epoch-0 checkpoint: a run stopped in its first epoch is resumable too.
-        _atomic_save(_state(run, 0, history), ckpt_path)
+        if reducer is not None:
+            reducer.barrier()  # every rank has checked ``out`` before rank 0 writes into it
+        if lead:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps({"config": asdict(config), "versions": _versions()}, indent=2))
+            # An epoch-0 checkpoint: a run stopped in its first epoch is resumable too.
+            _atomic_save(_state(run, 0, history), ckpt_path)
 
     done = 0
     try:
@@ -302,8 +318,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, resume: bool = False, 
                 break
             row = _train_epoch(run, epoch, progress)
             history.append(row)
-            _atomic_save(_state(run, epoch + 1, history), ckpt_path)
-            write_metrics(out, history)
+            if lead:
+                _atomic_save(_state(run, epoch + 1, history), ckpt_path)
+                write_metrics(out, history)
             log(_summary(row, config.epochs))
             done += 1
     except KeyboardInterrupt:
@@ -325,20 +342,27 @@ def _train_epoch(run: Run, epoch: int, progress: bool) -> dict:
     loss_sum, seen = 0.0, 0
     bar = tqdm(range(nbatches), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=not progress,
                leave=False, dynamic_ncols=True)
+    reducer = distributed.active()
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        batch = len(idx)
+        if reducer is not None:  # this rank's share; the loss value is the global batch's
+            idx = idx[distributed.shard(batch, reducer.rank, reducer.world)]
         x, y = x_all[idx], y_all[idx]
         run.optimizer.zero_grad(set_to_none=True)
         loss = run.loss_fn(model(x), y)
         loss.backward()
         run.optimizer.step()
         loss_value = float(loss.detach())
-        loss_sum += loss_value * len(y)
-        seen += len(y)
+        loss_sum += loss_value * batch
+        seen += batch
         bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
     run.scheduler.step()
     seconds = time.perf_counter() - t0
     counts = stats.total(model)
+    if reducer is not None:  # counted on every rank's share (replicated G/O values once per rank)
+        counts = dict(zip(counts, distributed.global_counts(*counts.values())))
+    # Every rank evaluates the whole test set on the same weights: equal, exact results.
     test = evaluate(model, run.test_set, cfg.test_batch_size, cfg.topk)
     return {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(seen, 1), "test_loss": test["loss"],
             "top1": test["top1"], "topk": test["topk"], "k": test["k"], "nar": counts["nar"],

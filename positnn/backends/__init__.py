@@ -2,9 +2,11 @@
 
 A backend is a module (or any object) with the entry points :class:`Backend` lists,
 registered under a name for the device types it serves. :func:`backend_for` picks one by
-the tensor's device: "numba" on the CPU, and also for devices that have no backend of
-their own yet (their tensors round-trip through host memory). The environment variable
-``POSITNN_BACKEND`` forces one by name for every device. Backends are imported at their
+the tensor's device: "numba" on the CPU, "triton" on CUDA (when Triton is installed:
+``pip install positnn[gpu]``), and "numba" for devices that have no backend of their own
+(their tensors round-trip through host memory). The environment variable
+``POSITNN_BACKEND`` forces one by name for every device (``POSITNN_BACKEND=triton`` with
+``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors, as the tests do). Backends are imported at their
 first use, and their kernels compile at their first call, never at import.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -24,9 +27,13 @@ ENV_VAR = "POSITNN_BACKEND"
 FALLBACK = "numba"
 
 # name -> backend, or the module path it is imported from at first use
-_backends: dict[str, object] = {"numba": "positnn.backends.numba"}
+_backends: dict[str, object] = {"numba": "positnn.backends.numba", "triton": "positnn.backends.triton"}
 # device type -> backend name
-_by_device: dict[str, str] = {"cpu": "numba"}
+_by_device: dict[str, str] = {"cpu": "numba", "cuda": "triton"}
+
+
+# Backends whose import failed once (warned about once, then the fallback is used).
+_unimportable: set[str] = set()
 
 
 class Backend(Protocol):
@@ -56,6 +63,27 @@ class Backend(Protocol):
     def sqrt(self, a: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
 
     def fma(self, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor: ...
+
+    # The exact quire's parts (see ``numba_quire`` for their contracts). With
+    # DEVICE_RESIDENT the quire keeps its operands on their device; else it copies them
+    # to the host first.
+    DEVICE_RESIDENT: bool
+
+    def scan_rows(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def global_span(self, flat: torch.Tensor) -> tuple[int, int, int]: ...
+
+    def split_rows(self, x: torch.Tensor, top: torch.Tensor, w: int, shape: tuple[int, int, int, int]) -> torch.Tensor: ...
+
+    def split_flat(self, x: torch.Tensor, top: int, w: int, count: int) -> torch.Tensor: ...
+
+    def round_flat(self, G: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor: ...
+
+    def round_sum(self, G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit, underflow: bool) -> torch.Tensor: ...
+
+    def round_terms(self, G: torch.Tensor, P: int, Q: int, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor: ...
+
+    def round_stack(self, G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit, underflow: bool) -> torch.Tensor: ...
 
 
 def register(name: str, backend: Backend | str, device_types: tuple[str, ...] = ()) -> None:
@@ -87,8 +115,22 @@ def backend_for(device: torch.device | str) -> Backend:
     ``$POSITNN_BACKEND`` when set, else the one registered for the device type."""
     forced = os.environ.get(ENV_VAR)
     if forced:
-        return get(forced)
-    return get(_by_device.get(torch.device(device).type, FALLBACK))
+        try:
+            return get(forced)
+        except ImportError as e:
+            raise ValueError(f"positnn backend {forced!r} (from ${ENV_VAR}) cannot be imported: {e}; "
+                             f"the triton backend needs `pip install positnn[gpu]`") from e
+    name = _by_device.get(torch.device(device).type, FALLBACK)
+    try:
+        return get(name)
+    except ImportError as e:
+        if name == FALLBACK:
+            raise
+        if name not in _unimportable:
+            _unimportable.add(name)
+            warnings.warn(f"positnn backend {name!r} for {torch.device(device).type} tensors cannot be imported ({e}); "
+                          f"falling back to {FALLBACK!r} through host memory (pip install positnn[gpu])", stacklevel=2)
+        return get(FALLBACK)
 
 
 def backend(device: torch.device | str = "cpu") -> str:

@@ -106,3 +106,19 @@ def sqrt(a: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
 
 def fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, fmt: Posit, device: torch.device) -> torch.Tensor:
     return _run(arith.fused_multiply_add, (a, b, c), fmt, device, False)
+
+
+# The quire's kernels (span scans, slicing, exact recombination), on host memory.
+from .numba_quire import (  # noqa: E402,F401
+    global_span,
+    round_flat,
+    round_stack,
+    round_sum,
+    round_terms,
+    scan_rows,
+    split_flat,
+    split_rows,
+)
+
+# The quire copies operands to the host for these kernels.
+DEVICE_RESIDENT = False

@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .. import reduction
+from .. import distributed, reduction
 from ..policy import LayerPolicy, Policy
 from ..stage import NATIVE, Stage
 from . import aten_ops
@@ -170,6 +170,8 @@ class _StagedOp(torch.autograd.Function):
                 if not idx:
                     continue
                 stage = getattr(call, stage_name)
+                if stage_name == "gradient":  # batch reductions summed over ranks (positnn.distributed)
+                    stage = distributed.gradient_stage(stage, [ctx.inputs[i] for i in idx])
                 last = stage_name == "gradient" or not wanted["gradient"]
                 with _dispatch(stage, call.path, call.engine):
                     gs = torch.autograd.grad(outs, [ctx.inputs[i] for i in idx], gos, retain_graph=not last,

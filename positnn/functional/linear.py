@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reduction
+from .. import distributed, reduction
 from ..policy import LayerPolicy, PolicySpec
 from ..stats import LayerStats
 from ._common import IntPair, _error_in, _pair, _param_grads, _record, _weight_copies, fresh, resolve, stage
@@ -49,7 +49,7 @@ class _Linear(torch.autograd.Function):
                 # The bias gradient rides in the weight-gradient GEMM as a column of ones:
                 # the same G quires, one launch fewer.
                 x2 = torch.cat([x2, x2.new_ones(x2.shape[0], 1)], dim=1)
-            g = G.matmul(d2.transpose(0, 1), x2)
+            g = distributed.batch_matmul(G, d2.transpose(0, 1), x2)  # K: the batch rows
             gw, gb = _param_grads([(g[:, :x_g.shape[-1]], ctx.weight if ctx.needs_input_grad[1] else None),
                                    (g[:, -1], ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
         return gx, gw, gb, None, None, None, None, None
@@ -106,11 +106,12 @@ class _Conv2d(torch.autograd.Function):
             div = reduction.divisor()
             if ctx.needs_input_grad[1]:
                 # dL/dW: one G quire per weight over all N * Hout * Wout positions.
-                gw = G.conv2d_weight_grad(x_g, d_g, ctx.weight.shape, *ctx.geometry)
+                gw = distributed.batch_conv2d_weight_grad(G, x_g, d_g, ctx.weight.shape, *ctx.geometry)
             if ctx.needs_input_grad[2]:
                 # As PositNN (Conv2d::gradient): each sample's sum over (Hout, Wout) rounded
                 # to G, then the sum over the batch rounded again.
-                gb = G.sum(G.sum(d_g, (2, 3)), 0)
+                # The batch sum is summed over ranks in a distributed run.
+                gb = distributed.batch_sum(G, G.sum(d_g, (2, 3)), 0)
             gw, gb = _param_grads([(gw, ctx.weight if gw is not None else None),
                                    (gb, ctx.bias if gb is not None else None)], div, lp, stats)
         return gx, gw, gb, None, None, None, None, None, None

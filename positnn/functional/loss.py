@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reduction
+from .. import distributed, reduction
 from ..policy import LayerPolicy, PolicySpec
 from ._common import _batch, fresh, resolve, stage
 
@@ -69,10 +69,12 @@ class _CrossEntropy(torch.autograd.Function):
         z, e, s = _softmax_parts(x, 1, lp)
         z_t = z.gather(1, target.unsqueeze(1))
         per_sample = L.sub(L.log(s), z_t).reshape(-1)
-        n = per_sample.shape[0]
-        loss = L.div(L.sum(per_sample, 0), float(n))
+        # The global batch in a distributed run: the loss and its announced factor are those
+        # of one process over the whole batch (positnn.distributed).
+        (n,) = distributed.global_counts(per_sample.shape[0])
+        loss = L.div(distributed.batch_sum(L, per_sample, 0), float(n))
         ctx.save_for_backward(e, s, target)
-        ctx.lp, ctx.target_grad = lp, target_grad
+        ctx.lp, ctx.n, ctx.target_grad = lp, n, target_grad
         return loss
 
     @staticmethod
@@ -88,7 +90,7 @@ class _CrossEntropy(torch.autograd.Function):
         else:
             g_t = L.sub(softmax.gather(1, idx), 1.0)
         g = softmax.scatter(1, idx, g_t)  # softmax - onehot
-        factor = _loss_grad_factor(lp, gy, g.shape[0], g.shape[0])
+        factor = _loss_grad_factor(lp, gy, ctx.n, ctx.n)
         if factor != 1.0:
             g = L.mul(g, factor)
         return g, None, None, None
@@ -121,7 +123,8 @@ class _MSE(torch.autograd.Function):
         L = stage(lp, "loss")
         d = L.sub(L.round(x), L.round(target))
         flat = d.reshape(1, -1)
-        loss = L.div(L.matmul(flat, flat.transpose(0, 1)).reshape(()), float(d.numel()))
+        ctx.count, ctx.batch = distributed.global_counts(d.numel(), _batch(d))
+        loss = L.div(distributed.batch_matmul(L, flat, flat.transpose(0, 1)).reshape(()), float(ctx.count))
         ctx.save_for_backward(d)
         ctx.lp = lp
         return loss
@@ -131,7 +134,7 @@ class _MSE(torch.autograd.Function):
         (d,) = ctx.saved_tensors
         lp = ctx.lp
         # torch's mean gradient is 2 d / numel; "positnn" multiplies it by N (2 d / D).
-        factor = 2.0 * _loss_grad_factor(lp, gy, d.numel(), _batch(d))
+        factor = 2.0 * _loss_grad_factor(lp, gy, ctx.count, ctx.batch)
         g = d if factor == 1.0 else stage(lp, "loss").mul(d, factor)
         return g, None, None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import reduction
+from .. import distributed, reduction
 from ..policy import LayerPolicy, PolicySpec
 from ..stage import Stage
 from ..stats import LayerStats
@@ -66,8 +66,11 @@ class _BatchNorm(torch.autograd.Function):
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g_g, xhat_g = G.round(g), G.round(xhat)
             div = reduction.divisor()
-            gw, gb = _param_grads([(_rowdot(g_g, xhat_g, G), ctx.weight if ctx.needs_input_grad[1] else None),
-                                   (G.sum(g_g, 1), ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
+            # Sums over the batch (M = N x positions): summed over ranks in a distributed run.
+            gw = distributed.batch_matmul(G, g_g.unsqueeze(-2), xhat_g.unsqueeze(-1)).reshape(-1)  # rows of g . xhat
+            gb = distributed.batch_sum(G, g_g, 1)
+            gw, gb = _param_grads([(gw, ctx.weight if ctx.needs_input_grad[1] else None),
+                                   (gb, ctx.bias if ctx.needs_input_grad[2] else None)], div, lp, stats)
         if ctx.needs_input_grad[0]:
             g_b, xhat_b, inv_b = B.round(g), B.round(xhat), B.round(inv_std)
             dxhat = g_b if w_b is None else B.mul(g_b, w_b[:, None])
