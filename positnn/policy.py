@@ -136,13 +136,14 @@ class Policy:
     float32 and count it (``positnn.stats.float_ops(model)``).
 
     ``scaling`` is the per-tensor scaling of GEMM and convolution operands that FP8
-    training needs: "none" (the default), or "tensorwise", torchao's dynamic recipe: a
-    tensor entering a dot product in F, B or G from a wider format (weights from their O
-    masters, model inputs, the loss gradient from L) is rounded as round(x * s) / s, with
-    s = 2**k the largest power of two such that amax(|x|) * s <= the stage format's max.
-    The scale is a power of two, so multiplying and dividing by it is exact, and the quire
-    stays exact; dot products and sums are then rounded once, unscaled, to their stage,
-    which holds every tensor (see ``positnn.rounding.scaled_round``).
+    training needs: "none" (the default), or "tensorwise", torchao's dynamic recipe with
+    power-of-two scales: x is rounded as round(x * s) / s, s = 2**k the largest power of
+    two with amax(|x|) * s <= the stage format's max (``positnn.rounding.scaled_round``),
+    for the weights' F and B copies (one scale per tensor, in positnn's layers and under
+    the engine alike) and, under the engine, for every other operand that a matmul or
+    convolution in F, B or G rounds into its stage (inputs, incoming gradients). Scaling by
+    a power of two is exact, so the quire stays exact; dot products and sums are rounded
+    once, unscaled, to their stage, which holds every tensor.
     """
 
     forward: Format = None
