@@ -24,6 +24,9 @@ import torch
 
 from .format import Posit, TensorLike
 
+# A binary Float (``Float.fam``) runs the same steps with its own fraction width and a zero
+# operand that is zero: (fbits, zero_value) come from the format's ``_fam_params``.
+
 
 def _round_to_odd(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """|x| * 2**shift rounded to an odd integer when it is not an integer (truncate to an
@@ -44,11 +47,12 @@ def fam(a: TensorLike, b: TensorLike, c: TensorLike, fmt: Posit, *, underflow: b
     a, b, c = (torch.as_tensor(t, dtype=torch.float64) if not isinstance(t, torch.Tensor) else t.double()
                for t in (a, b, c))
     a, b, c = torch.broadcast_tensors(a, b, c)
-    fbits = max(fmt.nbits - 3 - fmt.es, 0)
-    zero_value = 2.0 ** (-(fmt.nbits - 1) * (1 << fmt.es))  # Universal's scale of the zero pattern
+    fbits, zero_value = fmt._fam_params
     a1 = torch.where(a == 0, zero_value, a)
     b1 = torch.where(b == 0, zero_value, b)
-    top = torch.maximum(torch.frexp(a1).exponent, torch.frexp(b1).exponent) - 1  # floor(log2 |x|)
+    # floor(log2 |x|) of the larger operand; a zero (floats: zero_value 0) does not count.
+    ea, eb = (torch.where(t == 0, -(1 << 20), torch.frexp(t).exponent.to(torch.int64)) for t in (a1, b1))
+    top = torch.maximum(ea, eb) - 1
     shift = fbits + 3 - top  # grid unit 2**(top - fbits - 3)
     units = _round_to_odd(a1, shift) + _round_to_odd(b1, shift)
     total = torch.ldexp(units, -shift)

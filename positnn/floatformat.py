@@ -184,6 +184,27 @@ class Float:
         infv = float("inf") if self.has_infinities else over
         return (self.man_bits, self.min_exponent, self.max, over, infv)
 
+    def _accumulate_params(self, underflow: bool = False) -> tuple:
+        """The format as the accumulation kernels take it (``kernels.accumulate.round_fmt``):
+        kind 1, man_bits, min_exponent, max, overflow value, infinity value, flush."""
+        m, emin, maxv, over, infv = self._kernel_params
+        return (1, m, emin, maxv, over, infv, bool(underflow) or not self.subnormals)
+
+    def includes(self, other: object) -> bool:
+        """True when every value of ``other`` (a format) is a value of this float: a binary
+        float with no more mantissa bits, no lower normal exponent, no larger max, and
+        infinities only if this format has them (subnormals of ``other`` need subnormals
+        here, unless they lie above this format's smallest normal)."""
+        if not isinstance(other, Float):
+            return False
+        return (
+            other.man_bits <= self.man_bits
+            and other.min_exponent >= self.min_exponent
+            and other.max <= self.max
+            and (self.has_infinities or not other.has_infinities)
+            and (self.subnormals or other.minpos >= self.min_normal)
+        )
+
     def values(self) -> torch.Tensor:
         """Every value, indexed by the bit pattern read as unsigned (NaN patterns give NaN)."""
         if self.nbits > 16:
@@ -248,30 +269,48 @@ class Float:
         fk.decode(numba_backend._host_flat(bits), out.view(-1).numpy(), *args)
         return out.to(bits.device)
 
+    def _flush(self, underflow: bool) -> bool:
+        # ``underflow=True`` flushes as a format without subnormals does, as in ``round``.
+        return bool(underflow) or not self.subnormals
+
     # -- correctly rounded arithmetic (IEEE semantics: x/0 = +-inf, inf - inf = NaN) --------
-    def add(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def add(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a + b, computed exactly and rounded once."""
-        return _launch(fa.add, self, (a, b), not self.subnormals)
+        return _launch(fa.add, self, (a, b), self._flush(underflow))
 
-    def sub(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def sub(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a - b, computed exactly and rounded once."""
-        return _launch(fa.add, self, (a, -_as_tensor(b)), not self.subnormals)
+        return _launch(fa.add, self, (a, -_as_tensor(b)), self._flush(underflow))
 
-    def mul(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def mul(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a * b, computed exactly and rounded once."""
-        return _launch(fa.mul, self, (a, b), not self.subnormals)
+        return _launch(fa.mul, self, (a, b), self._flush(underflow))
 
-    def div(self, a: TensorLike, b: TensorLike) -> torch.Tensor:
+    def div(self, a: TensorLike, b: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a / b, correctly rounded; x / 0 is an infinity (then the format's rule for it)."""
-        return _launch(fa.div, self, (a, b), not self.subnormals)
+        return _launch(fa.div, self, (a, b), self._flush(underflow))
 
-    def sqrt(self, a: TensorLike) -> torch.Tensor:
+    def sqrt(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """Square root, correctly rounded; negative inputs give NaN, sqrt(-0) = -0."""
-        return _launch(fa.sqrt, self, (a,), not self.subnormals)
+        return _launch(fa.sqrt, self, (a,), self._flush(underflow))
 
-    def fma(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
+    def fma(self, a: TensorLike, b: TensorLike, c: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """a * b + c with a single rounding."""
-        return _launch(fa.fused_multiply_add, self, (a, b, c), not self.subnormals)
+        return _launch(fa.fused_multiply_add, self, (a, b, c), self._flush(underflow))
+
+    def fam(self, a: TensorLike, b: TensorLike, c: TensorLike, *, underflow: bool = False) -> torch.Tensor:
+        """(a + b) * c by the steps of PositNN's ``fam_corrected`` (``positnn.fam``) with this
+        format's fraction width: the sum aligned with a sticky bit two places below the
+        larger operand's last mantissa bit, the product exact, one rounding. Exactly
+        (a + b) * c rounded once whenever a + b is exact on that grid."""
+        from .fam import fam
+
+        return fam(a, b, c, self, underflow=underflow)
+
+    @property
+    def _fam_params(self) -> tuple[int, float]:
+        """(fraction bits, value of a zero operand) of ``positnn.fam``."""
+        return self.man_bits, 0.0
 
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for format values; other inputs are rounded)."""
@@ -282,21 +321,21 @@ class Float:
         return self.round(_as_tensor(a).abs())
 
     # Faithful, not correctly rounded: evaluated in float64, then rounded once (as Posit's).
-    def exp(self, a: TensorLike) -> torch.Tensor:
+    def exp(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """exp(a) evaluated in float64, then rounded: faithful, not correctly rounded."""
-        return self.round(torch.exp(_as_tensor(a).double()))
+        return self.round(torch.exp(_as_tensor(a).double()), underflow=underflow)
 
-    def log(self, a: TensorLike) -> torch.Tensor:
+    def log(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """log(a) evaluated in float64, then rounded (log(0) = -inf, log(-1) = NaN): faithful."""
-        return self.round(torch.log(_as_tensor(a).double()))
+        return self.round(torch.log(_as_tensor(a).double()), underflow=underflow)
 
-    def sigmoid(self, a: TensorLike) -> torch.Tensor:
+    def sigmoid(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """sigmoid(a) evaluated in float64, then rounded: faithful."""
-        return self.round(torch.sigmoid(_as_tensor(a).double()))
+        return self.round(torch.sigmoid(_as_tensor(a).double()), underflow=underflow)
 
-    def tanh(self, a: TensorLike) -> torch.Tensor:
+    def tanh(self, a: TensorLike, *, underflow: bool = False) -> torch.Tensor:
         """tanh(a) evaluated in float64, then rounded: faithful."""
-        return self.round(torch.tanh(_as_tensor(a).double()))
+        return self.round(torch.tanh(_as_tensor(a).double()), underflow=underflow)
 
 
 PRESETS: dict[str, Float] = {

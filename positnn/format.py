@@ -121,6 +121,17 @@ class Posit:
         """The format as the kernels take it (``_launch`` is shared with ``Float``)."""
         return (self.nbits, self.es)
 
+    def _accumulate_params(self, underflow: bool = False) -> tuple:
+        """The format as the accumulation kernels take it (``kernels.accumulate.round_fmt``):
+        kind 0, n, es, three unused floats, underflow."""
+        return (0, self.nbits, self.es, 0.0, 0.0, 0.0, bool(underflow))
+
+    def includes(self, other: object) -> bool:
+        """True when every value of ``other`` (a format) is a value of this posit: the same
+        es with at most as many bits (a posit(n, es) pattern followed by zeros is the same
+        posit(m, es) value). No binary float qualifies (posits have no infinities)."""
+        return isinstance(other, Posit) and other.es == self.es and other.nbits <= self.nbits
+
     @property
     def quire_bits(self) -> int:
         """Quire width: 16n (Posit Standard 2022) for es = 2, else Universal's
@@ -222,12 +233,11 @@ class Posit:
 
         return fam(a, b, c, self, underflow=underflow)
 
-    def fam(self, a: TensorLike, b: TensorLike, c: TensorLike) -> torch.Tensor:
-        """(a + b) * c as PositNN's ``fam_corrected``: the sum aligned with a sticky bit,
-        the product exact, one rounding (see :mod:`positnn.fam`)."""
-        from .fam import fam  # positnn.fam builds on this class
-
-        return fam(a, b, c, self)
+    @property
+    def _fam_params(self) -> tuple[int, float]:
+        """(fraction bits, value of a zero operand) of ``positnn.fam``: Universal's
+        fbits = n - 3 - es, and the scale it decodes from the zero pattern."""
+        return max(self.nbits - 3 - self.es, 0), 2.0 ** (-(self.nbits - 1) * (1 << self.es))
 
     def neg(self, a: TensorLike) -> torch.Tensor:
         """-a (exact for posit inputs; other inputs are rounded)."""

@@ -9,7 +9,9 @@ PositNN's five stages (notes, section 4) are named as the fields of :class:`Poli
 - ``optimizer`` (O): the master weights, their ``.grad`` buffers and the optimizer state;
 - ``loss`` (L): softmax, cross entropy and the loss gradient.
 
-A stage is a :class:`~positnn.format.Posit` or ``None`` (plain float: no rounding at all),
+A stage is a :class:`~positnn.format.Posit`, a binary :class:`~positnn.floatformat.Float`
+(fp8e4m3, fp8e5m2, fp16, bf16, eXmY: simulated, rounded like a posit stage) or ``None``
+(plain float32: no rounding at all),
 so float baselines and partial studies run through the same code. :meth:`Policy.for_layer`
 resolves the per-layer overrides into a :class:`LayerPolicy` for one module, and
 :func:`layer_policy` does so from any policy spec. The numerics of a stage live in
@@ -32,6 +34,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (see pyproject.toml)
     import tomli as tomllib
 
+from .floatformat import Float
 from .format import ROUNDING_MODES, Posit
 from .rounding import is_subformat as is_subformat  # noqa: F401 - moved; re-exported for one release
 from .rounding import maybe_round as maybe_round  # noqa: F401 - moved; re-exported for one release
@@ -43,28 +46,33 @@ QUIRE_MODES = ("exact", "none", "float32", "float64")
 GRAD_REDUCTIONS = ("positnn", "mean")
 ON_NAR = ("raise", "report")
 UNSUPPORTED_OPS = ("raise", "float")
+SCALINGS = ("none", "tensorwise")
 FLOAT_NAMES = ("float32", "fp32", "float", "none")
 # Keys a per-layer override may set: the numerics, not the training-loop behaviour.
-LAYER_KEYS = STAGES + ("quire", "underflow", "rounding")
+LAYER_KEYS = STAGES + ("quire", "underflow", "rounding", "scaling")
 
-Format = Posit | None
+Format = Posit | Float | None
 
 
 def parse_format(value: Any, what: str = "format") -> Format:
-    """A stage format from a Posit, None, "float32"/"fp32" or a posit name ("posit(8,2)",
-    "p16e1", "posit8"); raises ValueError naming ``what`` and listing the accepted forms."""
-    if value is None or isinstance(value, Posit):
+    """A stage format from a Posit, a Float, None, "float32"/"fp32" (torch's own float32),
+    a posit name ("posit(8,2)", "p16e1", "posit8") or a float name ("fp8e4m3", "fp8e5m2",
+    "fp16", "bf16", "e5m10", "float(5,10)"); raises ValueError naming ``what`` and listing
+    the accepted forms."""
+    if value is None or isinstance(value, (Posit, Float)):
         return value
     if isinstance(value, str):
         if value.strip().lower() in FLOAT_NAMES:
             return None
-        try:
-            return Posit.parse(value)
-        except ValueError:
-            pass
+        for kind in (Posit, Float):
+            try:
+                return kind.parse(value)
+            except ValueError:
+                pass
     raise ValueError(
-        f"{what}: cannot read {value!r} as a format; use a Posit, None, 'float32'/'fp32', "
-        f"or a posit name such as 'posit(8,2)', 'p16e1' or 'posit8' (es = 2)"
+        f"{what}: cannot read {value!r} as a format; use a Posit, a Float, None, 'float32'/'fp32', "
+        f"a posit name such as 'posit(8,2)', 'p16e1' or 'posit8' (es = 2), "
+        f"or a float name such as 'fp8e4m3', 'fp8e5m2', 'fp16', 'bf16', 'e5m10' or 'float(5,10)'"
     )
 
 
@@ -90,6 +98,7 @@ class LayerPolicy:
     quire: str = "exact"
     underflow: bool = False
     rounding: str = "nearest"
+    scaling: str = "none"
     grad_reduction: str = "mean"
     loss_scale: float = 1.0
     on_nar: str = "raise"
@@ -109,7 +118,8 @@ class LayerPolicy:
 class Policy:
     """Which format each training stage uses, globally and per layer.
 
-    Stage fields accept a ``Posit``, ``None``/"float32" (no rounding) or a posit name.
+    Stage fields accept a ``Posit``, a ``Float``, ``None``/"float32" (no rounding), or a
+    posit or float name.
     ``quire`` is the accumulation mode of every dot product ("exact", "none", "float32",
     "float64"; a Policy built in Python defaults to "exact", recipe strings follow the paper:
     a trailing ``q`` means "exact", none means "none"). ``layers`` maps a module path
@@ -124,6 +134,16 @@ class Policy:
     only counted. ``unsupported_ops`` says what the any-model engine does with an op that
     has no posit semantics: "raise" (the default) an error naming it, or "float": run it in
     float32 and count it (``positnn.stats.float_ops(model)``).
+
+    ``scaling`` is the per-tensor scaling of GEMM and convolution operands that FP8
+    training needs: "none" (the default), or "tensorwise", torchao's dynamic recipe with
+    power-of-two scales: x is rounded as round(x * s) / s, s = 2**k the largest power of
+    two with amax(|x|) * s <= the stage format's max (``positnn.rounding.scaled_round``),
+    for the weights' F and B copies (one scale per tensor, in positnn's layers and under
+    the engine alike) and, under the engine, for every other operand that a matmul or
+    convolution in F, B or G rounds into its stage (inputs, incoming gradients). Scaling by
+    a power of two is exact, so the quire stays exact; dot products and sums are rounded
+    once, unscaled, to their stage, which holds every tensor.
     """
 
     forward: Format = None
@@ -134,6 +154,7 @@ class Policy:
     quire: str = "exact"
     underflow: bool = False
     rounding: str = "nearest"
+    scaling: str = "none"
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     grad_reduction: str | None = None
     loss_scale: float = 1.0
@@ -148,6 +169,7 @@ class Policy:
         _choice(self.rounding, ROUNDING_MODES, "rounding")
         _choice(self.on_nar, ON_NAR, "on_nar")
         _choice(self.unsupported_ops, UNSUPPORTED_OPS, "unsupported_ops")
+        _choice(self.scaling, SCALINGS, "scaling")
         if not isinstance(self.underflow, bool):
             raise ValueError(f"underflow must be a bool, got {self.underflow!r}")
         if self.grad_reduction is None:
@@ -179,10 +201,15 @@ class Policy:
         """A policy from a recipe string, as the paper names its runs.
 
         "posit8-O16-L16q": F = B = G = posit(8,2), O = L = posit(16,2), quire "exact".
-        A base format ("posit8", "posit(16,1)", "p8e2", "float32") sets every stage; each
-        "-<letter><format>" part (letters F, B, G, O, L; format "16" meaning posit(16,2),
-        "(16,1)", "p16e1" or "float32") overrides one stage; a trailing "q" means quires
-        ("exact"), no "q" means "none".
+        A base format ("posit8", "posit(16,1)", "p8e2", "fp8e4m3", "bf16", "float32") sets
+        every stage; each "-<letter><format>" part (letters F, B, G, O, L; format "16"
+        meaning posit(16,2), "(16,1)", "p16e1", a float name such as "fp8e5m2", "fp16",
+        "bf16", "e5m10", or "float32") overrides one stage; a trailing "q" means quires
+        ("exact", for floats as for posits), no "q" means "none".
+
+        "fp8e4m3-Bfp8e5m2-Gfp8e5m2-Ofp16-Lfp16q": F in OCP E4M3, B and G in E5M2, O and L
+        in fp16, exact quires (the FP8 training recipe; "-O16-L16q" keeps O and L in
+        posit(16,2), "-Obf16-Lbf16q" in bfloat16).
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"recipe must be a non-empty string such as 'posit8-O16-L16q', got {text!r}")
@@ -199,7 +226,7 @@ class Policy:
             if letter not in STAGE_LETTERS or not rest:
                 raise ValueError(
                     f"recipe {text!r}: cannot read part {part!r}; expected <stage><format> with stage one of "
-                    f"{tuple(STAGE_LETTERS)} and format like '16', '(16,1)', 'p16e1' or 'float32'"
+                    f"{tuple(STAGE_LETTERS)} and format like '16', '(16,1)', 'p16e1', 'fp8e5m2', 'bf16' or 'float32'"
                 )
             if letter in given:
                 raise ValueError(f"recipe {text!r}: stage {letter} is given twice, as {given[letter]!r} and {part!r}")
@@ -207,7 +234,7 @@ class Policy:
             fmt_text = f"posit{rest}" if re.fullmatch(r"\d+|\(\s*\d+\s*,\s*\d+\s*\)", rest) else rest
             stages[STAGE_LETTERS[letter]] = parse_format(fmt_text, f"recipe {text!r}: stage {letter}")
         if quire == "exact" and all(v is None for v in stages.values()):
-            raise ValueError(f"recipe {text!r}: a trailing 'q' (quire) needs at least one posit stage")
+            raise ValueError(f"recipe {text!r}: a trailing 'q' (quire) needs at least one posit or float-format stage")
         return cls(**stages, quire=quire)
 
     @classmethod
@@ -300,7 +327,7 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         """Plain strings, numbers, bools and dicts (JSON and ``torch.load(weights_only=True)``
         safe) that :meth:`from_dict` turns back into an equal policy; formats by name."""
-        name = lambda v: str(v) if isinstance(v, Posit) else "float32" if v is None else v  # noqa: E731
+        name = lambda v: str(v) if isinstance(v, (Posit, Float)) else "float32" if v is None else v  # noqa: E731
         d = {f.name: name(getattr(self, f.name)) for f in fields(self) if f.name != "layers"}
         d["layers"] = {k: {kk: name(vv) for kk, vv in v.items()} for k, v in self.layers.items()}
         return d
@@ -342,6 +369,8 @@ def _normalise_overrides(over: Mapping[str, Any], what: str) -> dict[str, Any]:
             _choice(value, QUIRE_MODES, f"{what}.quire")
         elif key == "rounding":
             _choice(value, ROUNDING_MODES, f"{what}.rounding")
+        elif key == "scaling":
+            _choice(value, SCALINGS, f"{what}.scaling")
         elif not isinstance(value, bool):
             raise ValueError(f"{what}.underflow must be a bool, got {value!r}")
         out[key] = value

@@ -1,7 +1,8 @@
 """Exact accumulation (the quire): dot products, matmul, linear, conv2d and sum, rounded once.
 
-Every posit is an integer multiple of a power of two, so a dot product of posits is an
-integer sum. ``mode="exact"`` computes it at BLAS speed (Ozaki slicing): each row of ``a``
+The format is a parameter: a ``Posit`` or a binary ``Float`` (fp8, fp16, bf16, eXmY; a
+Kulisch accumulator for floats). Every posit is an integer multiple of minpos, and every
+float one of its smallest subnormal, so a dot product of either is an integer sum. ``mode="exact"`` computes it at BLAS speed (Ozaki slicing): each row of ``a``
 and column of ``b`` is split, without error, into slices of ``w`` bits relative to its own
 largest exponent, with ``2w + ceil(log2 K) <= 53``; every slice GEMM in float64 is then an
 exact integer, whatever order BLAS adds in. The slice products (and the bias) are summed
@@ -17,10 +18,17 @@ Other modes, named as PositNN and its peers name them:
   float's range are scaled by exact powers of two instead of overflowing to inf (NaR) or
   flushing to 0, so results saturate at maxpos and minpos as posits do.
 
-Inputs are taken as exact real values (posits of any format, or any floats); NaN and +-inf
-are NaR and make every output they touch NaR. Exact mode raises ValueError when products
+The one rounding is the format's own (``kernels.accumulate.round_fmt``): posits saturate;
+floats follow their preset (fp8e4m3 saturates at 448, the IEEE-like formats round to +-inf
+past max + ulp/2, as ``Float.round``). An exact zero sum is +0.
+
+Inputs are taken as exact real values (posits of any format, or any floats); for posits
+NaN and +-inf are NaR and make every output they touch NaR; for floats every output a NaN
+or an infinity touches is NaN or the infinity float64 arithmetic gives (inf + 1 = inf;
+fp8e4m3, which has no infinity, saturates it to +-448 as its ``round`` does), not always
+IEEE's verdict. Exact mode raises ValueError when products
 would leave float64's range (below 2**-1074 or above 2**1020 / K), which posits of every
-format with max_exponent <= 500 never do.
+format with max_exponent <= 500, and floats of at most 9 exponent bits, never do.
 """
 
 from __future__ import annotations
@@ -33,11 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from .backends import backend_for
+from .floatformat import Float
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
-from .kernels import lut, rounding, slicing
+from .kernels import lut, slicing
 
 MODES = ("exact", "none", "float32", "float64")
+NumberFormat = Posit | Float
 # The largest limb magnitude a loaded quire state may hold: the sum of up to 2**28 quires'
 # digits, far from int64 overflow when the kernels add 2**40-sized chunks and carry.
 LIMB_BOUND = 1 << 48
@@ -45,7 +55,8 @@ _NO_EXP = slicing.NO_BITS  # "exponent" of an all-zero row
 _DBL_MAX, _DBL_TRUE_MIN = float(np.finfo(np.float64).max), 2.0**-1074
 # Exact mode computes in float64, so every product must lie within its range: the lowest
 # bits of a and b may add up to no less than 2**-1074, their tops to at most 2**1020 / K.
-# Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit.
+# Posits of every format with max_exponent <= 500 (all es <= 4; es = 5 up to 17 bits) fit,
+# and floats with at most 9 exponent bits (fp8, fp16, bf16, fp32: products >= 2**-298).
 LOWEST_BIT, HIGHEST_BIT = -1074, 1020
 
 
@@ -105,7 +116,7 @@ def _slices(x: torch.Tensor, top: torch.Tensor, span: int, w: int) -> torch.Tens
     return out.view(nb, S * R, K)
 
 
-def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor:
+def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: NumberFormat, underflow: bool) -> torch.Tensor:
     """a (B, M, K) @ b (B, K, N) + bias (N,), exact, rounded once.
 
     A float64 GEMM is exact when every row of a spans sa bits, every column of b spans sb
@@ -119,7 +130,7 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
     if not _products_fit(ta, la, tb, lb, K):
         raise ValueError(
             f"the exact quire works in float64, but products of these operands span 2**{la + lb} to 2**{ta + tb} "
-            f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 always fit"
+            f"(K = {K}), beyond [2**{LOWEST_BIT}, 2**{HIGHEST_BIT}]; posits of formats with max_exponent <= 500 and floats with at most 9 exponent bits always fit"
         )
     wa, wb = _widths(span_a, span_b, 53 - math.ceil(math.log2(max(K, 1))), a.numel(), b.numel(), nb * M * N)
     lhs = _slices(a64, top_a, span_a, wa)  # (B, P*M, K)
@@ -138,7 +149,7 @@ def _exact_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt:
 def matmul(
     a: torch.Tensor,
     b: torch.Tensor,
-    fmt: Posit,
+    fmt: NumberFormat,
     *,
     bias: torch.Tensor | None = None,
     mode: str = "exact",
@@ -188,7 +199,7 @@ def matmul(
         no_bias = torch.empty(0, dtype=torch.float64)
         acc.sequential_dot(
             a3.contiguous().numpy(), b3.contiguous().numpy(),
-            (no_bias if bias64 is None else bias64).contiguous().numpy(), out.numpy(), fmt.nbits, fmt.es, underflow,
+            (no_bias if bias64 is None else bias64).contiguous().numpy(), out.numpy(), fmt._accumulate_params(underflow),
         )
     else:
         out = _float_bmm(a3, b3, bias64, fmt, underflow, torch.float32 if mode == "float32" else torch.float64)
@@ -196,47 +207,76 @@ def matmul(
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
 
 
-def _lut_patterns(t: torch.Tensor, fmt: Posit) -> torch.Tensor | None:
+def _lut_tables(fmt: NumberFormat, underflow: bool) -> tuple:
+    """(values, mul, add, keys, bits, nonfinite, inf_is_nan) of an 8-bit format for
+    ``kernels.lut``, built once per format and underflow option."""
+    key = (fmt, bool(underflow))
+    if key not in _LUT_CACHE:
+        vals = fmt.values().double().numpy()
+        S = vals.size
+        x = np.empty(2 * S * S, dtype=np.float64)
+        lut.build(vals, fmt._accumulate_params(underflow), x)
+        pats = _patterns_of(torch.from_numpy(x), fmt)
+        mul, add = pats[: S * S].to(torch.uint8).numpy(), pats[S * S :].to(torch.uint8).numpy()
+        nan_pattern = int(_patterns_of(torch.tensor([float("nan")]), fmt)[0])
+        keys, bits = lut.float32_keys(vals, nan_pattern)
+        inf_is_nan = bool(fmt.round(torch.tensor([float("inf")])).isnan().all())
+        _LUT_CACHE[key] = (vals, mul, add, keys, bits, np.isnan(vals) | np.isinf(vals), inf_is_nan)
+    return _LUT_CACHE[key]
+
+
+_LUT_CACHE: dict = {}
+
+
+def _patterns_of(values: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
+    """Unsigned bit patterns (int64) of format values, through the format's own encode."""
+    bits = fmt.encode(values)
+    if bits.dtype.is_floating_point:  # torch's float8/16 storage: the same bits as integers
+        bits = bits.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[bits.element_size()])
+    return bits.to(torch.int64) & ((1 << fmt.nbits) - 1)
+
+
+def _lut_patterns(t: torch.Tensor, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
     """t's values as unsigned n-bit patterns (uint8, t's shape), or None if any is not a
-    posit of ``fmt`` (NaN and +-inf are NaR; -0 is 0)."""
+    value of ``fmt`` (NaN is NaR or NaN; -0 is looked up as 0)."""
     flat = _host(t).contiguous().reshape(-1)
+    if flat.dtype == torch.float64:  # values of an 8-bit format are float32s; others are refused below
+        narrow = flat.float()
+        if not bool(((narrow.double() == flat) | flat.isnan()).all()):
+            return None
+        flat = narrow
+    _, _, _, keys, bits, _, inf_is_nan = _lut_tables(fmt, underflow)
     p = torch.empty(flat.shape, dtype=torch.uint8)
-    if flat.dtype == torch.float32 and fmt.dtype == torch.float32:
-        keys, bits = lut.float32_keys(fmt.nbits, fmt.es)
-        bad = lut.f32_patterns(flat.view(torch.int32).numpy().view(np.uint32), keys, bits, p.numpy(), fmt.nbits)
-    else:
-        bad = lut.to_patterns(flat.numpy(), p.numpy(), fmt.nbits, fmt.es)
+    bad = lut.f32_patterns(flat.view(torch.int32).numpy().view(np.uint32), keys, bits, p.numpy(), inf_is_nan)
     return None if bad else p.view(t.shape)
 
 
-def _lut_acc0(bias: torch.Tensor | None, N: int, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+def _lut_acc0(bias: torch.Tensor | None, N: int, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
     """The initial accumulator patterns: round(bias), or 0; None for a bias that rounds to
     -0 (the float path keeps that sign, the patterns cannot)."""
     if bias is None:
         return torch.zeros(N, dtype=torch.int64)
-    rb = torch.empty(N, dtype=torch.float64)
-    rounding.round_nearest(_host(bias).double().reshape(N).contiguous().numpy(), rb.numpy(), fmt.nbits, fmt.es, underflow)
+    rb = fmt.round(_host(bias).double().reshape(N).contiguous(), underflow=underflow)
     if bool(((rb == 0) & torch.signbit(rb)).any()):
         return None
-    pb = torch.empty(N, dtype=torch.uint8)
-    lut.to_patterns(rb.numpy(), pb.numpy(), fmt.nbits, fmt.es)
-    return pb.to(torch.int64)
+    return _lut_patterns(rb, fmt, underflow).to(torch.int64)
 
 
-def _lut_run(pa: torch.Tensor, pb: torch.Tensor, acc0: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor:
+def _lut_run(pa: torch.Tensor, pb: torch.Tensor, acc0: torch.Tensor, fmt: NumberFormat, underflow: bool) -> torch.Tensor:
     """Patterns pa (B, M, K) and pb (B, K, N), accumulators acc0 (B, N): (B, M, N) values."""
-    vals, mul, add = lut.tables(fmt.nbits, fmt.es, underflow)
+    vals, mul, add, _, _, nonfinite, _ = _lut_tables(fmt, underflow)
     out = torch.empty((pa.shape[0], pa.shape[1], pb.shape[2]), dtype=fmt.dtype)
-    lut.lut_dot(pa.contiguous().numpy(), pb.contiguous().numpy(), acc0.contiguous().numpy(), mul, add, vals, out.numpy(), fmt.nbits)
+    lut.lut_dot(pa.contiguous().numpy(), pb.contiguous().numpy(), acc0.contiguous().numpy(), mul, add, vals, out.numpy(),
+                fmt.nbits, nonfinite)
     return out
 
 
-def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor | None:
+def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
     """mode="none" for n <= 8 by table look-up on bit patterns (``kernels.lut``), or None
     where that would not be bit-identical to ``acc.sequential_dot``: an operand that is not
     a posit of ``fmt``, or a bias that rounds to -0 (the float path keeps that sign)."""
-    pa = _lut_patterns(a, fmt)
-    pb = None if pa is None else _lut_patterns(b, fmt)
+    pa = _lut_patterns(a, fmt, underflow)
+    pb = None if pa is None else _lut_patterns(b, fmt, underflow)
     acc0 = None if pb is None else _lut_acc0(bias, b.shape[-1], fmt, underflow)
     if acc0 is None:
         return None
@@ -259,8 +299,8 @@ def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -
     """conv2d in mode "none" for n <= 8: the unfolded GEMM of ``conv2d`` on bit patterns
     (unfolded as uint8, a quarter of the float32 traffic), or None where ``_lut_bmm`` would
     refuse (then the float path runs, as before)."""
-    px = _lut_patterns(x, fmt)
-    pw = None if px is None else _lut_patterns(w, fmt)
+    px = _lut_patterns(x, fmt, underflow)
+    pw = None if px is None else _lut_patterns(w, fmt, underflow)
     o, cg, kh, kw = w.shape
     acc0 = None if pw is None else _lut_acc0(bias, o, fmt, underflow)
     if acc0 is None:
@@ -281,7 +321,7 @@ def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return e, torch.where(live, e, -_NO_EXP).amax(dim, keepdim=True)
 
 
-def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, underflow: bool, dt: torch.dtype) -> torch.Tensor:
+def _float_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: NumberFormat, underflow: bool, dt: torch.dtype) -> torch.Tensor:
     """a (B, M, K) @ b (B, K, N) + bias accumulated in float ``dt``, rounded once.
 
     As a float GEMM with an unbounded exponent: posits saturate, so a product beyond the
@@ -381,19 +421,19 @@ def _squeeze(out: torch.Tensor, rows: bool, cols: bool) -> torch.Tensor:
     return out.squeeze(-1) if cols else out
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, fmt: Posit, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, fmt: NumberFormat, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
     """x @ w.T + bias with x (..., in) and w (out, in), accumulated in one quire per output."""
     return matmul(x, w.transpose(0, 1), fmt, bias=bias, mode=mode, underflow=underflow)
 
 
-def dot(a: torch.Tensor, b: torch.Tensor, fmt: Posit, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
+def dot(a: torch.Tensor, b: torch.Tensor, fmt: NumberFormat, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
     """The dot product of two 1-D tensors, rounded once (a 0-dim tensor)."""
     if a.dim() != 1 or b.dim() != 1:
         raise ValueError(f"dot expects 1-D tensors, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     return matmul(a, b, fmt, mode=mode, underflow=underflow)
 
 
-def sum(x: torch.Tensor, dim: int, fmt: Posit, keepdim: bool = False, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
+def sum(x: torch.Tensor, dim: int, fmt: NumberFormat, keepdim: bool = False, *, mode: str = "exact", underflow: bool = False) -> torch.Tensor:
     """The sum of x along ``dim``, accumulated exactly and rounded once."""
     _check_operand(x, "x")
     moved = x.movedim(dim, -1)
@@ -472,7 +512,7 @@ def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.
     return list(out.view(count, *x64.shape).unbind(0))
 
 
-def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: NumberFormat, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """op(a, b) (a float64 torch convolution) exactly per ``plan``, plus a per-channel
     bias, rounded once: (N, C, H, W) in ``fmt.dtype``."""
     P, Q, wa, wb, ta, tb = plan
@@ -487,7 +527,7 @@ def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: Posit, underflow
     return backend_for(g.device).round_stack(g, bias_v, True, fmt, underflow).view(y.shape[1:])
 
 
-def _round_exact(y: torch.Tensor, fmt: Posit, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _round_exact(y: torch.Tensor, fmt: NumberFormat, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Round exact float64 conv results (N, C, H, W) once, with a per-channel bias inside."""
     n, c = y.shape[:2]
     g = y.reshape(n, c, -1).contiguous()
@@ -501,7 +541,7 @@ def conv2d(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,
-    fmt: Posit,
+    fmt: NumberFormat,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
@@ -554,7 +594,7 @@ def conv2d_input_grad(
     grad: torch.Tensor,
     w: torch.Tensor,
     input_shape: tuple[int, int, int, int] | torch.Size,
-    fmt: Posit,
+    fmt: NumberFormat,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
@@ -593,7 +633,7 @@ def conv2d_weight_grad(
     x: torch.Tensor,
     grad: torch.Tensor,
     weight_shape: tuple[int, int, int, int] | torch.Size,
-    fmt: Posit,
+    fmt: NumberFormat,
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     dilation: int | tuple[int, int] = 1,
@@ -615,8 +655,8 @@ def conv2d_weight_grad(
         return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
     if mode == "none" and fmt.nbits <= 8:
-        px = _lut_patterns(x, fmt)
-        pd = None if px is None else _lut_patterns(grad, fmt)
+        px = _lut_patterns(x, fmt, underflow)
+        pd = None if px is None else _lut_patterns(grad, fmt, underflow)
         if pd is not None:
             cols, _ = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)  # (groups, N*L, K)
             d3 = pd.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
@@ -633,16 +673,20 @@ class Quire:
     """An incremental exact accumulator: one quire per element of ``shape``.
 
     The state is a tensor of int64 limbs (``state_dict()``) in units of minpos**2 of
-    ``fmt``, as wide as the format's quire plus headroom, so quires can be saved, loaded
-    and summed across processes exactly (addition of quires is associative). Adding a
-    value that is not a multiple of minpos**2 raises ValueError.
+    ``fmt`` (a posit or a binary float), as wide as the format's products plus 2**64 of
+    headroom, so quires can be saved, loaded and summed across processes exactly
+    (addition of quires is associative). Adding a value that is not a multiple of
+    minpos**2 raises ValueError.
     """
 
-    def __init__(self, fmt: Posit, shape: tuple[int, ...] | torch.Size = ()) -> None:
+    def __init__(self, fmt: NumberFormat, shape: tuple[int, ...] | torch.Size = ()) -> None:
         self.fmt = fmt
         self.shape = torch.Size(shape)
-        self.lsb = -2 * fmt.max_exponent
-        nl = (4 * fmt.max_exponent + 64 + 40) // acc.LIMB + 4  # products, 2**64 of carry room
+        # Products of two values are multiples of minpos**2 below maxpos**2 (minpos is a power
+        # of two for every format; maxpos, for floats, is not).
+        low, top = math.frexp(fmt.minpos)[1] - 1, math.ceil(math.log2(fmt.maxpos))
+        self.lsb = 2 * low
+        nl = (2 * top - self.lsb + 64 + 40) // acc.LIMB + 4  # products, 2**64 of carry room
         self.limbs = torch.zeros((self.shape.numel(), nl), dtype=torch.int64)
 
     def clear(self) -> "Quire":
@@ -682,10 +726,14 @@ class Quire:
         """Subtract a * b exactly."""
         return self.add_product(-_check_operand(a, "a"), b)
 
+    def to_format(self, underflow: bool = False) -> torch.Tensor:
+        """Round every quire once to ``fmt`` (a posit or a binary float)."""
+        return self.to_posit(underflow)
+
     def to_posit(self, underflow: bool = False) -> torch.Tensor:
-        """Round every quire once to ``fmt``."""
+        """Round every quire once to ``fmt`` (the name predates float formats; ``to_format``)."""
         out = torch.empty(self.shape.numel(), dtype=self.fmt.dtype)
-        acc.quire_round(self.limbs.numpy(), self.lsb, out.numpy(), self.fmt.nbits, self.fmt.es, underflow)
+        acc.quire_round(self.limbs.numpy(), self.lsb, out.numpy(), self.fmt._accumulate_params(underflow))
         return out.view(self.shape)
 
     def __add__(self, other: "Quire") -> "Quire":
@@ -713,10 +761,13 @@ class Quire:
             got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(f"quire state must be a dict with keys {sorted(keys)}, got {got}")
         fmt = state["format"]
-        try:
-            parsed = Posit.parse(fmt)
-        except ValueError:
-            parsed = None
+        parsed = None
+        for kind in (Posit, Float):
+            try:
+                parsed = kind.parse(fmt)
+                break
+            except (ValueError, TypeError):
+                pass
         if parsed != self.fmt:
             raise ValueError(f"quire state key 'format' is {fmt!r}, expected {str(self.fmt)!r}")
         shape = state["shape"]
@@ -767,7 +818,7 @@ def _product_error(a: torch.Tensor, b: torch.Tensor, p: torch.Tensor) -> torch.T
     return ((ah * bh - p) + ah * bl + al * bh) + al * bl
 
 
-def matmul_quire(a: torch.Tensor, b: torch.Tensor, fmt: Posit) -> tuple[Quire, torch.Tensor]:
+def matmul_quire(a: torch.Tensor, b: torch.Tensor, fmt: NumberFormat) -> tuple[Quire, torch.Tensor]:
     """a @ b (2-D, or 3-D batched with equal batch sizes) as unrounded quire state.
 
     Returns a :class:`Quire` of ``fmt`` of shape (*batch, M, N) holding every output's exact

@@ -81,7 +81,7 @@ def _launch(name: str, config: TrainConfig, out: Path, threads: int) -> int:
     """One run in its own process (so runs can go in parallel), resuming if it has begun."""
     run_dir = out / name
     args = [sys.executable, "-m", "positnn.cli", "train", "--out", str(run_dir), "--no-progress",
-            "--threads", str(threads)]
+            "--threads", str(config.threads or threads)]  # a run's own threads (TOML) win
     for key, value in asdict(config).items():
         if value is not None and key != "threads":
             args += [f"--{key.replace('_', '-')}", str(value)]

@@ -2,7 +2,7 @@
 the operations computed in it.
 
 ``Stage.of(layer_policy, "forward")`` is how the engine asks for the numerics of an op: a
-:class:`PositStage` rounds every result once to its posit format (dot products and sums
+:class:`PositStage` rounds every result once to its format (a posit or a binary float) (dot products and sums
 through one quire, element-wise arithmetic correctly rounded, transcendental functions
 in float64 and rounded), and a :class:`NativeStage` is torch's own arithmetic, so a
 float32 policy runs every op exactly as torch does. Callers never test for "float or
@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as TF
 
 from . import quire
+from .floatformat import Float
 from .format import Posit
 from .policy import LayerPolicy
-from .rounding import is_subformat, round_scalar
+from .rounding import is_subformat, round_scalar, scaled_round
 
 Dims = int | Sequence[int] | None
 
@@ -51,7 +52,7 @@ class Stage:
         fmt = getattr(lp, name)
         if fmt is None:
             return NATIVE
-        return PositStage(fmt, lp.quire, lp.rounding, lp.underflow, round_operands)
+        return PositStage(fmt, lp.quire, lp.rounding, lp.underflow, round_operands, lp.scaling)
 
     def contains(self, other: "Stage") -> bool:
         """True when every value of ``other`` is a value of this stage, so rounding one to
@@ -133,13 +134,17 @@ NATIVE = NativeStage()
 
 @dataclass(frozen=True)
 class PositStage(Stage):
-    """Posit arithmetic in ``fmt``: every result rounded once (see the module docstring)."""
+    """Arithmetic in ``fmt``, a posit or a binary float (the same code: the format is a
+    value): every result rounded once (see the module docstring). With ``scaling``
+    "tensorwise", the operands of dot products that this stage rounds are rounded under a
+    per-tensor power-of-two scale (``positnn.rounding.scaled_round``)."""
 
-    fmt: Posit
+    fmt: Posit | Float
     quire: str = "exact"
     rounding: str = "nearest"
     underflow: bool = False
     round_operands: bool = True
+    scaling: str = "none"
     native: ClassVar[bool] = False
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,6 +161,13 @@ class PositStage(Stage):
         if not isinstance(x, torch.Tensor) or not self.round_operands:
             return x
         return self.round(x) if x.dtype.is_floating_point else x.double()  # masks, integer operands: exact
+
+    def _op(self, x):
+        """A dot-product operand: as ``_r``, under the per-tensor scale when scaling."""
+        if self.scaling == "none" or not isinstance(x, torch.Tensor) or not self.round_operands \
+                or not x.dtype.is_floating_point:
+            return self._r(x)
+        return scaled_round(x, self.fmt, self.rounding, underflow=self.underflow)
 
     # Every result honours the stage's underflow flush, as PositNN's every rounding does.
     def add(self, a, b):
@@ -176,10 +188,6 @@ class PositStage(Stage):
     def fam(self, a, b, c):
         """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
         return self.fmt.fam(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
-
-    def fam(self, a, b, c):
-        """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
-        return self.fmt.fam(self._r(a), self._r(b), self._r(c))
 
     def sqrt(self, a):
         return self.fmt.sqrt(self._r(a), underflow=self.underflow)
@@ -206,12 +214,12 @@ class PositStage(Stage):
     def matmul(self, a, b, bias=None):
         """a @ b (+ bias (N,), inside the quire) with torch.matmul's broadcasting, one quire
         per output."""
-        return quire.matmul(self._r(a), self._r(b), self.fmt, bias=None if bias is None else self._r(bias),
+        return quire.matmul(self._op(a), self._op(b), self.fmt, bias=None if bias is None else self._r(bias),
                             mode=self.quire, underflow=self.underflow)
 
     def linear(self, x, w, b=None):
         """x @ w.T + b as ``torch.nn.functional.linear``, one quire per output."""
-        return quire.linear(self._r(x), self._r(w), None if b is None else self._r(b), self.fmt,
+        return quire.linear(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt,
                             mode=self.quire, underflow=self.underflow)
 
     def sum(self, x: torch.Tensor, dim: Dims = None, keepdim: bool = False) -> torch.Tensor:
@@ -229,13 +237,13 @@ class PositStage(Stage):
         return out
 
     def conv2d(self, x, w, b, stride, padding, dilation, groups):
-        return quire.conv2d(self._r(x), self._r(w), None if b is None else self._r(b), self.fmt, stride, padding,
+        return quire.conv2d(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt, stride, padding,
                             dilation, groups, mode=self.quire, underflow=self.underflow)
 
     def conv2d_input_grad(self, d, w, x_shape, stride, padding, dilation, groups):
-        return quire.conv2d_input_grad(self._r(d), self._r(w), x_shape, self.fmt, stride, padding, dilation, groups,
+        return quire.conv2d_input_grad(self._op(d), self._op(w), x_shape, self.fmt, stride, padding, dilation, groups,
                                        mode=self.quire, underflow=self.underflow)
 
     def conv2d_weight_grad(self, x, d, w_shape, stride, padding, dilation, groups):
-        return quire.conv2d_weight_grad(self._r(x), self._r(d), w_shape, self.fmt, stride, padding, dilation, groups,
+        return quire.conv2d_weight_grad(self._op(x), self._op(d), w_shape, self.fmt, stride, padding, dilation, groups,
                                         mode=self.quire, underflow=self.underflow)

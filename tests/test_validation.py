@@ -252,7 +252,7 @@ def test_policy_str_and_repr_show_every_field_that_differs():
         "forward": "posit8", "backward": "posit8", "gradient": "posit8", "optimizer": "posit16",
         "loss": "posit16", "quire": "float32", "underflow": True, "rounding": "stochastic",
         "layers": {"fc": {"F": "posit8"}}, "grad_reduction": "positnn", "loss_scale": 4.0, "on_nar": "report",
-        "unsupported_ops": "float",
+        "unsupported_ops": "float", "scaling": "tensorwise",
     }
     assert set(changed) == {f.name for f in dataclasses.fields(Policy)}, "give every field a changed value"
     base = Policy()

@@ -1,6 +1,6 @@
 """The quire's kernels of the numba backend: span scans, slicing and the exact
 recombination with the final rounding (``positnn.kernels.slicing`` and ``accumulate``),
-on host tensors. ``positnn.quire`` reaches them through the backend seam; the Triton
+on host tensors, for posits and binary floats alike (the format's ``_accumulate_params``). ``positnn.quire`` reaches them through the backend seam; the Triton
 backend has the same entry points on the device (``positnn.backends.triton.quire_ops``)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..kernels import accumulate as acc
 from ..kernels import slicing
 
 if TYPE_CHECKING:
+    from ..floatformat import Float
     from ..format import Posit
 
 _NO_BIAS = torch.empty(0, dtype=torch.float64)
@@ -53,32 +54,32 @@ def split_flat(x: torch.Tensor, top: int, w: int, count: int) -> torch.Tensor:
     return out
 
 
-def round_flat(G: torch.Tensor, fmt: Posit, underflow: bool) -> torch.Tensor:
+def round_flat(G: torch.Tensor, fmt: Posit | Float, underflow: bool) -> torch.Tensor:
     """round(G) element by element, G exact float64 (``accumulate.round_flat``)."""
     G = G.contiguous()
     out = torch.empty(G.shape, dtype=fmt.dtype)
-    acc.round_flat(G.view(-1).numpy(), out.view(-1).numpy(), fmt.nbits, fmt.es, underflow)
+    acc.round_flat(G.view(-1).numpy(), out.view(-1).numpy(), fmt._accumulate_params(underflow))
     return out
 
 
-def round_sum(G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit, underflow: bool) -> torch.Tensor:
+def round_sum(G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit | Float, underflow: bool) -> torch.Tensor:
     """round(G + bias), G (B, M, N) exact float64 (``accumulate.round_sum``)."""
     G = G.contiguous()
     out = torch.empty(G.shape, dtype=fmt.dtype)
-    acc.round_sum(G.numpy(), _bias(bias).numpy(), bias_on_rows, out.numpy(), fmt.nbits, fmt.es, underflow)
+    acc.round_sum(G.numpy(), _bias(bias).numpy(), bias_on_rows, out.numpy(), fmt._accumulate_params(underflow))
     return out
 
 
-def round_terms(G: torch.Tensor, P: int, Q: int, bias: torch.Tensor | None, fmt: Posit, underflow: bool) -> torch.Tensor:
+def round_terms(G: torch.Tensor, P: int, Q: int, bias: torch.Tensor | None, fmt: Posit | Float, underflow: bool) -> torch.Tensor:
     """round(sum of the P x Q slice products + bias), exactly (``accumulate.round_terms``)."""
     nb, PM, QN = G.shape
     out = torch.empty((nb, PM // P, QN // Q), dtype=fmt.dtype)
-    acc.round_terms(G.contiguous().numpy(), P, Q, _bias(bias).numpy(), out.numpy(), fmt.nbits, fmt.es, underflow)
+    acc.round_terms(G.contiguous().numpy(), P, Q, _bias(bias).numpy(), out.numpy(), fmt._accumulate_params(underflow))
     return out
 
 
-def round_stack(G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit, underflow: bool) -> torch.Tensor:
+def round_stack(G: torch.Tensor, bias: torch.Tensor | None, bias_on_rows: bool, fmt: Posit | Float, underflow: bool) -> torch.Tensor:
     """round(sum_t G[t] + bias), exactly (``accumulate.round_stack``)."""
     out = torch.empty(G.shape[1:], dtype=fmt.dtype)
-    acc.round_stack(G.contiguous().numpy(), _bias(bias).numpy(), bias_on_rows, out.numpy(), fmt.nbits, fmt.es, underflow)
+    acc.round_stack(G.contiguous().numpy(), _bias(bias).numpy(), bias_on_rows, out.numpy(), fmt._accumulate_params(underflow))
     return out

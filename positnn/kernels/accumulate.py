@@ -1,9 +1,15 @@
-"""Exact accumulation: multi-limb fixed-point integers, rounded once to a posit.
+"""Exact accumulation: multi-limb fixed-point integers, rounded once to a format.
 
 A limb array holds sum(limbs[l] * 2**(LIMB * l)) in units of 2**lsb. Terms are added as
 integers at a bit offset, so nothing is ever rounded; ``round_limbs`` then reads the top
 60 bits, a faithful float64 and the sign of what lies below, which is all that
-``round_value`` needs to round once, correctly.
+``round_fmt`` needs to round once, correctly.
+
+The format reaches every kernel as one tuple ``rp`` (the format's ``_accumulate_params``):
+``(kind, i1, i2, f1, f2, f3, flag)``, kind 0 a posit (n, es, -, -, -, underflow) and kind 1
+a binary float (man_bits, min_exponent, max, overflow value, infinity value, flush). The
+kernels branch on ``kind`` only in ``round_fmt``; everything else is format-free, since
+posits and floats alike are integer multiples of their smallest positive value.
 """
 
 import math
@@ -13,10 +19,20 @@ from numba import njit, prange
 
 from .arith import DBL_MAX, TINY, _product, two_sum
 from .bits import f64_as_i64, i64_as_f64
+from .float_rounding import round_value as float_round_value
 from .rounding import MANT_MASK, round_value
 
 LIMB = 20
 LIMB_MASK = (1 << LIMB) - 1
+
+
+@njit(inline="always")
+def round_fmt(x, t, rp):
+    """The value of the format ``rp`` nearest to the exact x + t: x a faithful float64,
+    only the sign of t used to break ties (both rounding kernels share that contract)."""
+    if rp[0] == 0:
+        return round_value(x, t, rp[1], rp[2], rp[6])
+    return float_round_value(x, t, rp[1], rp[2], rp[3], rp[4], rp[5], rp[6])
 
 
 @njit(inline="always")
@@ -71,8 +87,8 @@ def _scale(h, e):
 
 
 @njit
-def round_limbs(limbs, nl, lsb, n, es, underflow):
-    """The posit nearest to the limb integer times 2**lsb. Destroys ``limbs``."""
+def round_limbs(limbs, nl, lsb, rp):
+    """The format value nearest to the limb integer times 2**lsb. Destroys ``limbs``."""
     normalize(limbs, nl)
     neg = limbs[nl - 1] < 0
     if neg:
@@ -98,11 +114,11 @@ def round_limbs(limbs, nl, lsb, n, es, underflow):
     h = _scale(h0, lsb + LIMB * (t - 2))
     if neg:
         h, tie = -h, -tie
-    return round_value(h, tie, n, es, underflow)
+    return round_fmt(h, tie, rp)
 
 
 @njit(parallel=True, cache=True)
-def round_sum(G, bias, bias_on_rows, out, n, es, underflow):
+def _round_sum(G, bias, bias_on_rows, out, rp):
     """out = round(G + bias) for exact float64 G (one slice pair): TwoSum is exact.
 
     The bias runs along the columns (bias[j]), or along the rows with ``bias_on_rows``.
@@ -115,20 +131,20 @@ def round_sum(G, bias, bias_on_rows, out, n, es, underflow):
         for j in range(N):
             bv = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
             s, err = two_sum(G[b, i, j], bv)
-            out[b, i, j] = round_value(s, err, n, es, underflow)
+            out[b, i, j] = round_fmt(s, err, rp)
 
 
 @njit(parallel=True, cache=True)
-def round_flat(G, out, n, es, underflow):
+def _round_flat(G, out, rp):
     """round_sum without a bias on flat arrays: the same TwoSum with 0 and rounding per
     element, as one long loop (skinny GEMM results have rows of a few elements)."""
     for i in prange(G.size):
         s, err = two_sum(G[i], 0.0)
-        out[i] = round_value(s, err, n, es, underflow)
+        out[i] = round_fmt(s, err, rp)
 
 
 @njit(parallel=True, cache=True)
-def round_terms(G, P, Q, bias, out, n, es, underflow):
+def _round_terms(G, P, Q, bias, out, rp):
     """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
 
     The terms are exact float64 slice-GEMM results; they are added as integers into limbs.
@@ -170,7 +186,7 @@ def round_terms(G, P, Q, bias, out, n, es, underflow):
             for t in range(T):
                 if mants[t] != 0:
                     add_int(limbs, exps[t] - lsb, mants[t])
-            out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)
+            out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
 
 
 @njit(parallel=True, cache=True)
@@ -201,15 +217,15 @@ def quire_add(limbs, terms, lsb, apply):
 
 
 @njit(parallel=True, cache=True)
-def quire_round(limbs, lsb, out, n, es, underflow):
+def _quire_round(limbs, lsb, out, rp):
     nl = limbs.shape[1]
     for i in prange(out.size):
         scratch = limbs[i].copy()
-        out[i] = round_limbs(scratch, nl, lsb, n, es, underflow)
+        out[i] = round_limbs(scratch, nl, lsb, rp)
 
 
 @njit(parallel=True, cache=True)
-def sequential_dot(A, B, bias, out, n, es, underflow):
+def _sequential_dot(A, B, bias, out, rp):
     """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k.
 
     The columns j of one row are independent, so they form the inner (SIMD) loop. A zero
@@ -224,7 +240,7 @@ def sequential_dot(A, B, bias, out, n, es, underflow):
         acc = np.zeros(N, dtype=np.float64)
         if has_bias:
             for j in range(N):
-                acc[j] = round_value(np.float64(bias[j]), 0.0, n, es, underflow)
+                acc[j] = round_fmt(np.float64(bias[j]), 0.0, rp)
         for k in range(K):
             a = np.float64(A[b, i, k])
             if a == 0:
@@ -235,15 +251,15 @@ def sequential_dot(A, B, bias, out, n, es, underflow):
                     continue
             for j in range(N):
                 p, pe = _product(a, np.float64(B[b, k, j]))
-                prod = round_value(p, pe, n, es, underflow)
+                prod = round_fmt(p, pe, rp)
                 s, err = two_sum(acc[j], prod)
-                acc[j] = round_value(s, err, n, es, underflow)
+                acc[j] = round_fmt(s, err, rp)
         for j in range(N):
             out[b, i, j] = acc[j]
 
 
 @njit(parallel=True, cache=True)
-def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
+def _round_stack(G, bias, bias_on_rows, out, rp):
     """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
     (the slice-pair results of a sliced convolution). The bias runs along the columns
     (bias[j]), or along the rows with ``bias_on_rows``. Terms are added by TwoSum while
@@ -271,7 +287,7 @@ def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
                 exact &= f == 0.0
             if exact:
                 s, e = two_sum(s, err)
-                out[b, i, j] = round_value(s, e, n, es, underflow)
+                out[b, i, j] = round_fmt(s, e, rp)
                 continue
             finite = True
             lsb = 1 << 30
@@ -299,4 +315,30 @@ def round_stack(G, bias, bias_on_rows, out, n, es, underflow):
             for t in range(T + 1):
                 if mants[bi, t] != 0:
                     add_int(limbs, exps[bi, t] - lsb, mants[bi, t])
-            out[b, i, j] = round_limbs(limbs, nl, lsb, n, es, underflow)
+            out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
+
+
+def posit_params(n: int, es: int, underflow: bool) -> tuple:
+    """The ``rp`` tuple of posit(n, es) (what ``Posit._accumulate_params`` returns)."""
+    return (0, int(n), int(es), 0.0, 0.0, 0.0, bool(underflow))
+
+
+def _entry(kernel):
+    """A kernel's public form: the format as one ``rp`` tuple, or as a posit's trailing
+    (n, es, underflow), the signature these kernels had before float formats."""
+
+    def call(*args):
+        if isinstance(args[-1], tuple):
+            return kernel(*args)
+        return kernel(*args[:-3], posit_params(*args[-3:]))
+
+    call.__name__, call.__doc__ = kernel.__name__.lstrip("_"), kernel.__doc__
+    return call
+
+
+round_sum = _entry(_round_sum)
+round_flat = _entry(_round_flat)
+round_terms = _entry(_round_terms)
+quire_round = _entry(_quire_round)
+sequential_dot = _entry(_sequential_dot)
+round_stack = _entry(_round_stack)

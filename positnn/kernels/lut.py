@@ -1,125 +1,92 @@
-"""No-quire dot products of small posits (n <= 8) by table look-up on bit patterns.
+"""No-quire dot products of 8-bit formats (posits, fp8) by table look-up on bit patterns.
 
 ``accumulate.sequential_dot`` rounds every product and every addition of float64 values.
 For n <= 8 both operations are functions of two n-bit patterns, so they are tables of
-2**(2n) patterns (64K entries for posit8), built once per (n, es, underflow) *with the
-very same scalar code* (``_product``, ``two_sum``, ``round_value``): the look-up path is
-bit-identical to the float path whenever every operand is a posit of the format.
+2**(2n) patterns (64K entries for 8 bits), built once per format and underflow option
+*with the very same scalar code* (``_product``, ``two_sum``, ``round_fmt``): the look-up
+path is bit-identical to the float path whenever every operand is a value of the format.
 
-Patterns are stored unsigned (the low n bits): 0 is zero, 2**(n-1) is NaR.
+Patterns are stored unsigned (the low n bits), as the format encodes them.
 """
 
 import numpy as np
 from numba import njit, prange
 
+from .accumulate import round_fmt
 from .arith import _product, two_sum
-from .rounding import decode, encode, round_value
-
-_TABLES: dict = {}
 
 
 @njit(cache=True)
-def _build(vals, n, es, underflow, mul, add):
-    S = 1 << n
-    mask = S - 1
-    x = np.empty(2 * S * S, dtype=np.float64)
+def build(vals, rp, x):
+    """x[p * S + q] = round(v_p * v_q) and x[S*S + p * S + q] = round(v_p + v_q) for the
+    S values ``vals`` of the format ``rp`` (``accumulate.round_fmt``), with the scalar code
+    of ``accumulate.sequential_dot``; the caller encodes them as patterns."""
+    S = vals.size
     for p in range(S):
         for q in range(S):
             a = vals[p]
             b = vals[q]
             pr, pe = _product(a, b)
-            x[p * S + q] = round_value(pr, pe, n, es, underflow)
+            x[p * S + q] = round_fmt(pr, pe, rp)
             s, err = two_sum(a, b)
-            x[S * S + p * S + q] = round_value(s, err, n, es, underflow)
-    pats = np.empty(2 * S * S, dtype=np.int64)
-    encode(x, pats, n, es)
-    for i in range(S * S):
-        mul[i] = pats[i] & mask
-        add[i] = pats[S * S + i] & mask
+            x[S * S + p * S + q] = round_fmt(s, err, rp)
 
 
-def float32_keys(n: int, es: int):
-    """(keys, bits): keys[u >> 16] is the pattern of the float32 whose bits are u, for every
-    posit of the format (and both zeros; NaR for every inf and NaN), and bits[p] the float32
-    bits of pattern p's value, to check that a looked-up value is that posit."""
-    key = ("f32", n, es)
-    if key not in _TABLES:
-        S = 1 << n
-        vals = np.empty(S, dtype=np.float64)
-        decode(np.arange(S, dtype=np.int64), vals, n, es)
-        bits = vals.astype(np.float32).view(np.uint32).copy()
-        keys = np.zeros(1 << 16, dtype=np.uint8)
-        keys[0x7F80:0x8000] = S >> 1  # +inf and NaNs
-        keys[0xFF80:] = S >> 1
-        for p in range(S):
-            if p != S >> 1:
-                keys[bits[p] >> 16] = p
-        keys[0x8000] = 0  # -0
-        _TABLES[key] = (keys, bits)
-    return _TABLES[key]
+def float32_keys(vals: np.ndarray, nan_pattern: int):
+    """(keys, bits) for the format whose pattern p has value vals[p]: keys[u >> 16] is the
+    pattern of the float32 with bits u, for every value of the format (and both zeros: -0
+    is looked up as +0, which no-quire sums cannot tell apart, since they start at +0),
+    ``nan_pattern`` for every other inf or NaN; bits[p] the float32 bits of pattern p's
+    value, to check that a looked-up value is that value. The top 16 bits identify every
+    value of at most 7 fraction bits (all 8-bit posits and floats)."""
+    S = vals.size
+    bits = vals.astype(np.float32).view(np.uint32).copy()
+    keys = np.zeros(1 << 16, dtype=np.uint8)
+    keys[0x7F80:0x8000] = nan_pattern  # +inf and NaNs
+    keys[0xFF80:] = nan_pattern
+    for p in range(S):
+        if not np.isnan(vals[p]):
+            keys[bits[p] >> 16] = p
+    keys[0x8000] = keys[0]  # -0
+    return keys, bits
 
 
 @njit(parallel=True, cache=True)
-def f32_patterns(u, keys, bits, out, n):
+def f32_patterns(u, keys, bits, out, inf_is_nan):
     """Patterns of float32 values given as their bits ``u`` (a flat uint32 array) by table
-    look-up; returns how many are not posits of the format (n <= 8: at most 5 fraction
-    bits, so the top 16 bits of a posit's float32 bits identify it)."""
-    nar = 1 << (n - 1)
+    look-up; returns how many are not values of the format. NaN is always accepted (its
+    pattern is the format's NaN or NaR), an infinity that is no value only when the format
+    reads it as NaN (``inf_is_nan``: posits' NaR)."""
     bad = 0
     for i in prange(u.size):
         x = u[i]
         p = keys[x >> 16]
-        nonfinite = (x & 0x7F800000) == 0x7F800000
-        ok = (bits[p] == x) | (x == 0x80000000) | nonfinite
+        nan = ((x & 0x7F800000) == 0x7F800000) & ((x & 0x007FFFFF) != 0)
+        inf = (x & 0x7FFFFFFF) == 0x7F800000
+        ok = (bits[p] == x) | (x == 0x80000000) | nan | (inf & inf_is_nan)
         bad += 0 if ok else 1
         out[i] = p
     return bad
 
 
-def tables(n: int, es: int, underflow: bool):
-    """(values, mul, add): values[p] of every unsigned pattern (NaR: NaN), and the
-    flattened product and sum tables, mul[p * 2**n + q] = pattern of round(v_p * v_q)."""
-    key = (n, es, bool(underflow))
-    if key not in _TABLES:
-        S = 1 << n
-        vals = np.empty(S, dtype=np.float64)
-        decode(np.arange(S, dtype=np.int64), vals, n, es)
-        mul = np.empty(S * S, dtype=np.uint8)
-        add = np.empty(S * S, dtype=np.uint8)
-        _build(vals, n, es, bool(underflow), mul, add)
-        _TABLES[key] = (vals, mul, add)
-    return _TABLES[key]
-
-
 @njit(parallel=True, cache=True)
-def to_patterns(x, out, n, es):
-    """Unsigned n-bit patterns of a flat array of posit values; returns how many entries
-    are not posits of the format (then the patterns are meaningless)."""
-    p = np.empty(x.size, dtype=np.int64)
-    bad = encode(x, p, n, es)
-    mask = (1 << n) - 1
-    for i in prange(x.size):
-        out[i] = p[i] & mask
-    return bad
-
-
-@njit(parallel=True, cache=True)
-def lut_dot(A, B, acc0, mul, add, vals, out, n):
+def lut_dot(A, B, acc0, mul, add, vals, out, n, nonfinite):
     """out[b, i, j] = acc; acc = acc0[b, j]; acc = add[acc, mul[A[b,i,k], B[b,k,j]]] over k.
 
     A (nb, M, K) and B (nb, K, N) are unsigned patterns. A zero a_k leaves every acc as it
-    is unless row k of B holds NaR (mul[0, q] = 0 and add[p, 0] = p otherwise).
+    is unless row k of B holds a pattern with ``nonfinite[q]`` (NaR; a float's NaN or
+    infinity): mul[0, q] is a zero otherwise, and adding a zero to an accumulator that
+    started at +0 or a value other than -0 leaves it as it is.
     """
     nb, M, N = out.shape
     K = A.shape[2]
     S = 1 << n
-    nar = 1 << (n - 1)
     dirty = np.zeros((nb, K), dtype=np.bool_)
     for b in prange(nb):
         for k in range(K):
             d = False
             for j in range(N):
-                d |= B[b, k, j] == nar
+                d |= nonfinite[B[b, k, j]]
             dirty[b, k] = d
     CH = 32 if M >= 1024 else 1  # few rows (weight gradients): one per task, for the threads
     chunks = -(-M // CH)

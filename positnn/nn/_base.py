@@ -28,9 +28,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ..format import Posit
-from ..policy import PolicySpec, layer_policy
-from ..rounding import maybe_round
+from ..policy import Format, PolicySpec, layer_policy, parse_format
+from ..rounding import maybe_round, scaled_round
 from ..stats import LayerStats
 
 _CONVERT_FORMAT: contextvars.ContextVar[bool] = contextvars.ContextVar("positnn_convert_format", default=False)
@@ -70,7 +69,7 @@ class PositModule(nn.Module):
         ensure_torch_step_hook()
         self.policy = layer_policy(policy, name)
         self.posit_stats = LayerStats()
-        self._copy_cache: dict[Posit | None, tuple[tuple, dict[str, torch.Tensor]]] = {}
+        self._copy_cache: dict[Format, tuple[tuple, dict[str, torch.Tensor]]] = {}
 
     # -- masters and copies ----------------------------------------------------------------
     def _master(self, value: torch.Tensor | None) -> torch.Tensor | None:
@@ -102,7 +101,7 @@ class PositModule(nn.Module):
             return getattr(self, name).detach()
         return self._copies(fmt)[name]
 
-    def _copies(self, fmt: Posit | None) -> dict[str, torch.Tensor]:
+    def _copies(self, fmt: Format) -> dict[str, torch.Tensor]:
         """Copies in ``fmt`` of all parameters, rounded together in one pass and only after
         a master changed (keyed by version counters; stages sharing a format share them)."""
         params = [(n, t) for n, t in self._masters() if isinstance(t, nn.Parameter)]
@@ -111,9 +110,13 @@ class PositModule(nn.Module):
         if hit is not None and hit[0] == key:
             return hit[1]
         with torch.no_grad():
-            flat = torch.cat([t.detach().reshape(-1) for _, t in params]) if len(params) > 1 else params[0][1].detach().reshape(-1)
-            pieces = maybe_round(flat, fmt, self.policy).split([t.numel() for _, t in params])
-            value = {n: piece.view(t.shape) for piece, (n, t) in zip(pieces, params)}
+            if self.policy.scaling == "tensorwise":  # one scale per tensor (Policy.scaling)
+                lp = self.policy
+                value = {n: scaled_round(t.detach(), fmt, lp.rounding, underflow=lp.underflow) for n, t in params}
+            else:
+                flat = torch.cat([t.detach().reshape(-1) for _, t in params]) if len(params) > 1 else params[0][1].detach().reshape(-1)
+                pieces = maybe_round(flat, fmt, self.policy).split([t.numel() for _, t in params])
+                value = {n: piece.view(t.shape) for piece, (n, t) in zip(pieces, params)}
         self._copy_cache[fmt] = (key, value)
         return value
 
@@ -151,14 +154,14 @@ class PositModule(nn.Module):
             if key not in local:
                 continue
             value = local[key]
-            src: Posit | None = None
-            if not value.dtype.is_floating_point:
-                if name not in saved:
-                    error_msgs.append(f"{key}: integer tensor without a posit format in {prefix}_extra_state")
-                    local[key] = current.detach()
-                    continue
-                src = Posit.parse(saved[name])
+            src: Format = None
+            if name in saved:  # bit patterns: integers, or torch's float8/16 storage of a Float
+                src = parse_format(saved[name], f"{prefix}_extra_state format of {name}")
                 value = src.decode(value)
+            elif not value.dtype.is_floating_point:
+                error_msgs.append(f"{key}: integer tensor without a posit format in {prefix}_extra_state")
+                local[key] = current.detach()
+                continue
             if src != O:
                 if not convert:
                     error_msgs.append(
