@@ -1,7 +1,7 @@
-"""Short training runs (slow): LeNet-5 on 5,000 MNIST images for 2 epochs.
+"""Short training runs (slow): LeNet-5 on 5,000 MNIST images for 3 epochs.
 
-posit8-O16-L16q must reach float32's accuracy (no more than 2 points below it, mean over
-five seeds) from the same initial weights and batch order; posit(8,2) everywhere without a quire collapses, as
+posit8-O16-L16q must land within 2 points of float32 from the same initial weights and
+batch order (mean over five seeds); posit(8,2) everywhere without a quire collapses, as
 the paper reports.
 Run with ``pytest -m slow tests/test_training.py``.
 """
@@ -32,7 +32,7 @@ def _data():
     return (train.images[:5000], train.labels[:5000]), (test.images[:2000], test.labels[:2000])
 
 
-def _train(model, loss_fn, opt, train, epochs=2, batch=64, seed=0):
+def _train(model, loss_fn, opt, train, epochs=3, batch=64, seed=0):
     x_all, y_all = train
     for epoch in range(epochs):
         order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed * 1000 + epoch))
@@ -54,7 +54,7 @@ def _accuracy(model, test):
 @pytest.fixture(scope="module")
 def runs():
     """Test accuracies per seed: float32 torch, and the posit recipe from the same initial
-    weights and batch order. After only 158 steps LeNet-5 is still on the steep part of its
+    weights and batch order. After only 237 steps LeNet-5 is still on the steep part of its
     learning curve, where float32 itself moves by +-5 points from one seed to the next, so
     the comparison is made on the mean over five seeds (every seed is reported)."""
     train, test = _data()
@@ -89,9 +89,7 @@ def _mean(xs):
 def test_posit8_O16_L16q_matches_float32(runs):
     acc_float, acc_posit = _mean(runs["float32"]), _mean(runs["posit8-O16-L16q"])
     assert acc_float > 75.0, runs
-    # One-sided, as the paper's claim is: after 158 steps float32 itself swings by +-5 points
-    # from seed to seed (seed 0: 59.6%), so the posit mean may well land above it.
-    assert acc_posit >= acc_float - 2.0, runs
+    assert abs(acc_posit - acc_float) <= 2.0, runs
     assert runs["nar"] == [0]
 
 
