@@ -14,6 +14,7 @@ from positnn.optim import SGD
 from positnn.policy import LayerPolicy
 from positnn.stage import Stage
 from posit_reference import Table, decode_pattern
+from test_functional import from_positnn_loss
 
 F64 = torch.float64
 FORMATS = [(5, 2), (6, 1), (8, 2), (7, 0)]
@@ -71,27 +72,9 @@ def test_stages_and_the_gradient_division_flush():
         y = PF.linear(x, w, None, lp)
         g = torch.zeros_like(y)
         g[0, 0] = 2.0**-6  # the weight gradient's quire sum is 2^-12 = minpos, / 64 in G
-        from_loss = _announce(y, 64)
+        from_loss = from_positnn_loss(y, 64)
         from_loss.backward(g)
         assert w.grad.item() == expected, underflow
-
-
-class _Announce(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, factor):
-        ctx.factor = factor
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, gy):
-        from positnn import reduction
-
-        reduction.announce(ctx.factor)
-        return gy, None
-
-
-def _announce(y, factor):
-    return _Announce.apply(y, float(factor))
 
 
 def test_optimizer_momentum_flushes_under_underflow():
