@@ -474,10 +474,11 @@ def test_full_gpt_without_the_batch_free_rule_differs_in_the_position_embedding(
         assert [n for n in expected if not torch.equal(expected[n], grads[n])] == ["wpe.weight"]
 
 
-def test_batch_free_tags_follow_parameters_and_constants_only():
+def test_batch_free_tags_follow_parameters_and_constants_only(monkeypatch):
     from positnn import convert
     from positnn.engine.mode import is_batch_free
 
+    monkeypatch.setattr(distributed, "splits_batch_free", lambda: True)  # as in a multi-rank run
     model, seen = _tiny_gpt(), {}
     model.wpe.register_forward_hook(lambda m, a, o: seen.update(pos=o, arange=a[0]))
     model.wte.register_forward_hook(lambda m, a, o: seen.update(tok=o))
@@ -500,6 +501,33 @@ def test_batch_free_tags_follow_parameters_and_constants_only():
 
     _, tags = convert(Mix(), POLICY)(torch.ones(3))
     assert tags == [True, True, False]
+
+    class Head(torch.nn.Module):  # a positnn layer tags its output at its boundary
+        def __init__(self):
+            super().__init__()
+            self.w, self.fc = torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(self.w), self.fc(x)
+
+    free, batch = convert(Head(), POLICY)(torch.ones(2, 3))
+    assert is_batch_free(free) and not is_batch_free(batch)
+
+
+def test_a_single_process_run_tags_nothing():
+    # the tags are read only by multi-rank runs, so one process does not pay for them
+    from positnn import convert
+
+    class Const(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return self.w * 2 + x, self.w * 2
+
+    outs = convert(Const(), POLICY)(torch.ones(3))
+    assert not any(hasattr(t, "_positnn_batch_free") for t in outs)
 
 
 def test_event_counts_over_thread_ranks_are_one_process_counts():

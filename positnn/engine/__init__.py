@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import distributed
 from ..policy import Policy
-from .mode import Engine, StageDispatch, UnsupportedOpError
+from .mode import Engine, StageDispatch, UnsupportedOpError, mark_batch_free
 
 __all__ = ["Engine", "StageDispatch", "UnsupportedOpError", "attach", "engine_of"]
 
@@ -44,6 +45,8 @@ class _Leave:
         e = self.enter.engine
         e.paths.pop()
         e.posit_depth -= self.enter.is_posit
+        if self.enter.is_posit and not e.posit_depth and distributed.splits_batch_free():
+            mark_batch_free(args, output)  # the layer's inner ops went untagged
         if self.enter.is_root and not e.paths:
             e.__exit__(None, None, None)
         return output

@@ -215,14 +215,14 @@ def _mutates(func: Callable, kwargs: dict) -> bool:
         (name.endswith("_") and not name.endswith("__") and not name.startswith("_"))
 
 
-def _mark(func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
-    """Tag ``out``'s tensors batch-free when every tensor argument is (a tensor written in
-    place by batch data loses the tag)."""
-    inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+def mark_batch_free(args: Any, out: Any, written: Any = None) -> None:
+    """Tag the tensors of ``out`` batch-free when every tensor in ``args`` is; when one is
+    not, the tensors ``written`` in place lose the tag too."""
+    inputs = [t for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)]
     free = all(is_batch_free(t) for t in inputs)
     outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-    if not free and inputs and _mutates(func, kwargs):
-        outs += [t for t in tree_flatten((args[:1], kwargs.get("out")))[0] if isinstance(t, torch.Tensor)]
+    if not free and inputs and written is not None:
+        outs += [t for t in tree_flatten(written)[0] if isinstance(t, torch.Tensor)]
     for t in outs:
         if not isinstance(t, nn.Parameter):
             setattr(t, _FREE, free)
@@ -271,7 +271,11 @@ class Engine(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = self._run(func, types, args, kwargs)
-        _mark(func, args, kwargs, out)
+        # Only a multi-rank run reads the tags; positnn's own layers tag at their boundary
+        # (engine._Leave), so the ops inside them pay nothing.
+        if not self.posit_depth and distributed.splits_batch_free():
+            written = (args[:1], kwargs.get("out")) if _mutates(func, kwargs) else None
+            mark_batch_free((args, kwargs), out, written)
         return out
 
     def _run(self, func, types, args, kwargs):
