@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.overrides import _get_current_function_mode
 
 from .. import distributed
 from ..policy import Policy
@@ -26,12 +27,16 @@ class _Enter:
 
     def __init__(self, engine: Engine, path: str, is_posit: bool, is_root: bool) -> None:
         self.engine, self.path, self.is_posit, self.is_root = engine, path, is_posit, is_root
+        self.suspended = False
 
     def __call__(self, module, args):
         e = self.engine
         if self.is_root and not e.paths:
             e.__enter__()
         e.paths.append(self.path)
+        if self.is_posit and not e.posit_depth and _get_current_function_mode() is e:
+            e.__exit__(None, None, None)  # a positnn layer runs its own numerics: no op needs the mode
+            self.suspended = True
         e.posit_depth += self.is_posit
 
 
@@ -45,8 +50,11 @@ class _Leave:
         e = self.enter.engine
         e.paths.pop()
         e.posit_depth -= self.enter.is_posit
-        if self.enter.is_posit and not e.posit_depth and distributed.splits_batch_free():
-            mark_batch_free(args, output)  # the layer's inner ops went untagged
+        if self.enter.suspended and not e.posit_depth:
+            self.enter.suspended = False
+            e.__enter__()
+            if distributed.splits_batch_free():
+                mark_batch_free(args, output)  # the layer's inner ops went untagged
         if self.enter.is_root and not e.paths:
             e.__exit__(None, None, None)
         return output
