@@ -34,6 +34,29 @@ def _dims(x: torch.Tensor, dim: Dims) -> list[int]:
     return sorted(d % max(x.dim(), 1) for d in dims)
 
 
+# A result a stage rounded to nearest carries (format, underflow, version): using it as an
+# operand of that stage again costs no second rounding pass, and an in-place write (which
+# bumps the version counter a view or a detached copy shares) voids the mark.
+_MARK = "_positnn_rounded"
+
+
+def _mark_key(x: torch.Tensor):
+    owner = x if x._base is None else x._base
+    mark = getattr(owner, _MARK, None)
+    if mark is None or x.is_inference():
+        return None
+    key, version = mark
+    return key if version == x._version else None
+
+
+def carry_mark(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Give ``dst`` (a detached alias or a copy of ``src``) ``src``'s rounding mark."""
+    key = _mark_key(src)
+    if key is not None and not dst.is_inference():
+        setattr(dst, _MARK, (key, dst._version))
+    return dst
+
+
 @dataclass(frozen=True)
 class Stage:
     """The numerics of one stage; see :class:`PositStage` and :class:`NativeStage`."""
@@ -149,8 +172,21 @@ class PositStage(Stage):
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` rounded to the format (every other method rounds its operands with this,
-        unless ``round_operands`` is False)."""
-        return self.fmt.round(x, self.rounding, underflow=self.underflow)
+        unless ``round_operands`` is False); ``x`` itself when this stage produced it."""
+        key = self._key()
+        if key is not None and isinstance(x, torch.Tensor) and _mark_key(x) == key:
+            return x
+        return self._done(self.fmt.round(x, self.rounding, underflow=self.underflow))
+
+    def _key(self):
+        return (self.fmt, self.underflow) if self.rounding == "nearest" else None
+
+    def _done(self, y):
+        """Mark a result of this stage as one of its values (see ``_MARK``)."""
+        key = self._key()
+        if key is not None and isinstance(y, torch.Tensor) and not y.is_inference():
+            setattr(y, _MARK, (key, y._version))
+        return y
 
     def constant(self, value: float) -> float:
         """A constant (a slope, a scale) as a value of the format: rounded to nearest
@@ -171,39 +207,39 @@ class PositStage(Stage):
 
     # Every result honours the stage's underflow flush, as PositNN's every rounding does.
     def add(self, a, b):
-        return self.fmt.add(self._r(a), self._r(b), underflow=self.underflow)
+        return self._done(self.fmt.add(self._r(a), self._r(b), underflow=self.underflow))
 
     def sub(self, a, b):
-        return self.fmt.sub(self._r(a), self._r(b), underflow=self.underflow)
+        return self._done(self.fmt.sub(self._r(a), self._r(b), underflow=self.underflow))
 
     def mul(self, a, b):
-        return self.fmt.mul(self._r(a), self._r(b), underflow=self.underflow)
+        return self._done(self.fmt.mul(self._r(a), self._r(b), underflow=self.underflow))
 
     def div(self, a, b):
-        return self.fmt.div(self._r(a), self._r(b), underflow=self.underflow)
+        return self._done(self.fmt.div(self._r(a), self._r(b), underflow=self.underflow))
 
     def fma(self, a, b, c):
-        return self.fmt.fma(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
+        return self._done(self.fmt.fma(self._r(a), self._r(b), self._r(c), underflow=self.underflow))
 
     def fam(self, a, b, c):
         """(a + b) * c as PositNN's fused add-multiply (``Posit.fam``)."""
-        return self.fmt.fam(self._r(a), self._r(b), self._r(c), underflow=self.underflow)
+        return self._done(self.fmt.fam(self._r(a), self._r(b), self._r(c), underflow=self.underflow))
 
     def sqrt(self, a):
-        return self.fmt.sqrt(self._r(a), underflow=self.underflow)
+        return self._done(self.fmt.sqrt(self._r(a), underflow=self.underflow))
 
     # Faithful: evaluated in float64, rounded once to nearest (Posit.exp ...).
     def exp(self, a):
-        return self.fmt.exp(self._r(a), underflow=self.underflow)
+        return self._done(self.fmt.exp(self._r(a), underflow=self.underflow))
 
     def log(self, a):
-        return self.fmt.log(self._r(a), underflow=self.underflow)
+        return self._done(self.fmt.log(self._r(a), underflow=self.underflow))
 
     def sigmoid(self, a):
-        return self.fmt.sigmoid(self._r(a), underflow=self.underflow)
+        return self._done(self.fmt.sigmoid(self._r(a), underflow=self.underflow))
 
     def tanh(self, a):
-        return self.fmt.tanh(self._r(a), underflow=self.underflow)
+        return self._done(self.fmt.tanh(self._r(a), underflow=self.underflow))
 
     def pointwise(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
         """A function with no exact posit algorithm (exp, GELU, their derivatives ...):
@@ -214,13 +250,13 @@ class PositStage(Stage):
     def matmul(self, a, b, bias=None):
         """a @ b (+ bias (N,), inside the quire) with torch.matmul's broadcasting, one quire
         per output."""
-        return quire.matmul(self._op(a), self._op(b), self.fmt, bias=None if bias is None else self._r(bias),
-                            mode=self.quire, underflow=self.underflow)
+        return self._done(quire.matmul(self._op(a), self._op(b), self.fmt, bias=None if bias is None else self._r(bias),
+                            mode=self.quire, underflow=self.underflow))
 
     def linear(self, x, w, b=None):
         """x @ w.T + b as ``torch.nn.functional.linear``, one quire per output."""
-        return quire.linear(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt,
-                            mode=self.quire, underflow=self.underflow)
+        return self._done(quire.linear(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt,
+                            mode=self.quire, underflow=self.underflow))
 
     def sum(self, x: torch.Tensor, dim: Dims = None, keepdim: bool = False) -> torch.Tensor:
         """The sum over ``dim`` (all dims when None) in one quire per output."""
@@ -234,16 +270,16 @@ class PositStage(Stage):
             quire.sum(flat, 0, self.fmt, mode=self.quire, underflow=self.underflow)
         if keepdim:
             out = out.reshape([1 if d in dims else x.shape[d] for d in range(x.dim())])
-        return out
+        return self._done(out)
 
     def conv2d(self, x, w, b, stride, padding, dilation, groups):
-        return quire.conv2d(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt, stride, padding,
-                            dilation, groups, mode=self.quire, underflow=self.underflow)
+        return self._done(quire.conv2d(self._op(x), self._op(w), None if b is None else self._r(b), self.fmt, stride, padding,
+                            dilation, groups, mode=self.quire, underflow=self.underflow))
 
     def conv2d_input_grad(self, d, w, x_shape, stride, padding, dilation, groups):
-        return quire.conv2d_input_grad(self._op(d), self._op(w), x_shape, self.fmt, stride, padding, dilation, groups,
-                                       mode=self.quire, underflow=self.underflow)
+        return self._done(quire.conv2d_input_grad(self._op(d), self._op(w), x_shape, self.fmt, stride, padding, dilation, groups,
+                                       mode=self.quire, underflow=self.underflow))
 
     def conv2d_weight_grad(self, x, d, w_shape, stride, padding, dilation, groups):
-        return quire.conv2d_weight_grad(self._op(x), self._op(d), w_shape, self.fmt, stride, padding, dilation, groups,
-                                        mode=self.quire, underflow=self.underflow)
+        return self._done(quire.conv2d_weight_grad(self._op(x), self._op(d), w_shape, self.fmt, stride, padding, dilation, groups,
+                                        mode=self.quire, underflow=self.underflow))

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import distributed, reduction
 from ..policy import LayerPolicy, Policy
-from ..stage import NATIVE, Stage
+from ..stage import NATIVE, Stage, carry_mark
 from . import aten_ops
 
 F = torch.nn.functional
@@ -150,7 +150,7 @@ class _StagedOp(torch.autograd.Function):
                 r = o.detach()
                 if r.untyped_storage().data_ptr() in ptrs:
                     r = r.clone()  # never hand autograd an unannounced alias of an input
-                results.append(r)
+                results.append(carry_mark(o, r))
                 ctx.outs.append(o)
         call.out_flat = out_flat
         ctx.call, ctx.inputs = call, inputs
