@@ -34,7 +34,7 @@ format with max_exponent <= 500, and floats of at most 9 exponent bits, never do
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -464,36 +464,83 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 # A sliced native convolution runs P * Q float64 convolutions; beyond this many the unfolded
 # GEMM with per-row slicing (narrower spans) is the better plan.
 MAX_NATIVE_SLICES = 6
+# torch's float32 convolutions (oneDNN) ran 4-18x faster than its float64 ones on LeNet-5
+# and ResNet-20 shapes here for the forward and the weight gradient, 2-5x for the input
+# gradient with 6 or more input channels and 0.2-0.4x with one. A float32 plan is taken
+# when it needs at most this many times the float64 plan's slice pairs, and at most
+# MAX_FLOAT32_SLICES: each pair also costs a slice pass, a conversion and an addition,
+# and on ResNet-20 an advantage of 8 was slower than 4.
+FLOAT32_ADVANTAGE, INPUT_GRAD_ADVANTAGE = 4, 2
+MAX_FLOAT32_SLICES = 8
+# float32 slices and their products must stay normal floats (no subnormal, no flush to
+# zero, no overflow), so every partial sum is exact.
+F32_LOWEST, F32_HIGHEST = -126, 127
 
 
-def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int) -> tuple[int, int, int, int, int, int] | None:
-    """How a float64 torch op summing ``terms`` products of entries of a and b is exact:
-    (P, Q, wa, wb, ta, tb), or None where it cannot be (the unfolded GEMM path then).
+def _slice_plan(ta: int, la: int, tb: int, lb: int, terms: int, mantissa: int, sizes: tuple[int, int]):
+    """(P, Q, wa, wb) with wa + wb + ceil(log2 terms) <= ``mantissa`` bits, or None."""
+    budget = mantissa - math.ceil(math.log2(max(terms, 1)))
+    sa, sb = ta - la, tb - lb
+    if sa + sb <= budget:
+        return 1, 1, sa, sb
+    if budget < 2:
+        return None
+    wa, wb = _widths(sa, sb, budget, sizes[0], sizes[1], max(sizes))
+    return -(-sa // wa), -(-sb // wb), wa, wb
 
-    One op is exact when span(a) + span(b) + ceil(log2 terms) <= 53 over the whole
-    tensors: every partial sum, in any order, is then a multiple of the smallest product
-    unit below 2**53 of them (P = Q = 1). Wider operands are cut, without error, into P
-    (Q) slices of wa (wb) bits below the tensor's top ta (tb), wa + wb + ceil(log2 terms)
-    <= 53, so each of the P * Q slice-pair ops is exact; their results are summed in limbs.
-    NaR gives None (the slower path keeps NaR where it belongs).
+
+class NativePlan(NamedTuple):
+    """P x Q slice pairs of wa and wb bits below 2**ta and 2**tb, convolved in ``dtype``;
+    ``sum64``: their results add up exactly in float64 (no limbs needed)."""
+
+    P: int
+    Q: int
+    wa: int
+    wb: int
+    ta: int
+    tb: int
+    dtype: torch.dtype
+    sum64: bool
+
+
+def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int,
+                 float32_advantage: int = FLOAT32_ADVANTAGE) -> NativePlan | None:
+    """How a float torch op summing ``terms`` products of entries of a and b is exact: a
+    :class:`NativePlan`, or None where it cannot be (the unfolded GEMM path then).
+
+    One op in a dtype with an m-bit significand (53 for float64, 24 for float32) is exact
+    when span(a) + span(b) + ceil(log2 terms) <= m over the whole tensors: every partial
+    sum, in any order, is then a multiple of the smallest product unit below 2**m of them
+    (P = Q = 1). Wider operands are cut, without error, into P (Q) slices of wa (wb) bits
+    below the tensor's top ta (tb), wa + wb + ceil(log2 terms) <= m, so each of the P * Q
+    slice-pair ops is exact; their results are summed in limbs. float32 is used when its
+    plan needs at most ``float32_advantage`` times the float64 plan's slice pairs (0: never)
+    and every slice product and sum stays a normal float32. NaR gives None (the slower path
+    keeps NaR where it belongs).
     """
     ta, la, bad_a = backend_for(a.device).global_span(_operand(a))
     tb, lb, bad_b = backend_for(b.device).global_span(_operand(b))
     if bad_a or bad_b:
         return None
     if la == slicing.NO_BITS or lb == slicing.NO_BITS:
-        return 1, 1, 0, 0, 0, 0  # an all-zero operand
+        return NativePlan(1, 1, 0, 0, 0, 0, torch.float64, True)  # an all-zero operand
     if not _products_fit(ta, la, tb, lb, terms):
         return None
-    budget = 53 - math.ceil(math.log2(max(terms, 1)))
-    sa, sb = ta - la, tb - lb
-    if sa + sb <= budget:
-        return 1, 1, sa, sb, ta, tb
-    if budget < 2 or min(la, lb) < -1022:  # slicing clears mantissa bits of normal floats
+    sizes = (a.numel(), b.numel())
+    p64 = _slice_plan(ta, la, tb, lb, terms, 53, sizes)
+    if p64 is not None and p64[0] * p64[1] > 1 and min(la, lb) < -1022:  # slicing clears mantissa bits of normal floats
+        p64 = None
+    if float32_advantage and la + lb >= F32_LOWEST and ta + tb + math.ceil(math.log2(max(terms, 1))) <= F32_HIGHEST and _float32_is_ieee():
+        p32 = _slice_plan(ta, la, tb, lb, terms, 24, sizes)
+        # the float64 alternative: its slice pairs, or the unfolded GEMM where there is none
+        pairs64 = MAX_NATIVE_SLICES if p64 is None else min(p64[0] * p64[1], MAX_NATIVE_SLICES)
+        if p32 is not None and p32[0] * p32[1] <= min(float32_advantage * pairs64, MAX_FLOAT32_SLICES):
+            # every partial sum of the pairs' results is below P*Q*terms products' top
+            sum64 = (ta - la) + (tb - lb) + math.ceil(math.log2(max(terms, 1) * p32[0] * p32[1])) <= 53
+            return NativePlan(*p32, ta, tb, torch.float32, sum64)
+    if p64 is None or p64[0] * p64[1] > MAX_NATIVE_SLICES:
         return None
-    wa, wb = _widths(sa, sb, budget, a.numel(), b.numel(), max(a.numel(), b.numel()))
-    P, Q = -(-sa // wa), -(-sb // wb)
-    return (P, Q, wa, wb, ta, tb) if P * Q <= MAX_NATIVE_SLICES else None
+    return NativePlan(*p64, ta, tb, torch.float64, p64[0] * p64[1] == 1)
 
 
 def _whole_window(x_shape, w_shape, stride, padding, dilation, groups) -> bool:
@@ -503,23 +550,38 @@ def _whole_window(x_shape, w_shape, stride, padding, dilation, groups) -> bool:
             and tuple(x_shape[2:]) == tuple(w_shape[2:]))
 
 
-def _native_slices(x: torch.Tensor, count: int, w: int, top: int) -> list[torch.Tensor]:
-    """x as float64, or as ``count`` exact slices of w bits below 2**top summing to it."""
-    x64 = _operand(x).double()
+def _native_slices(x: torch.Tensor, count: int, w: int, top: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    """x in ``dtype``, or as ``count`` exact slices of w bits below 2**top summing to it
+    (each slice exact in ``dtype``, as the plan guarantees)."""
+    x = _operand(x)
     if count == 1:
-        return [x64]
-    out = backend_for(x64.device).split_flat(x64, top, w, count)
-    return list(out.view(count, *x64.shape).unbind(0))
+        return [x.to(dtype)]
+    out = backend_for(x.device).split_flat(x, top, w, count, dtype)
+    return list(out.view(count, *x.shape).unbind(0))
+
+
+def _float32_is_ieee() -> bool:
+    """Whether torch's float32 convolutions and matmuls are IEEE float32 here (not TF32 or
+    bfloat16, which a user can ask oneDNN for); float32 plans need that."""
+    ieee = ("none", "ieee")
+    return (torch.get_float32_matmul_precision() == "highest" and torch.backends.mkldnn.conv.fp32_precision in ieee
+            and torch.backends.mkldnn.matmul.fp32_precision in ieee)
 
 
 def _native_op(op, a: torch.Tensor, b: torch.Tensor, plan, fmt: NumberFormat, underflow: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """op(a, b) (a float64 torch convolution) exactly per ``plan``, plus a per-channel
-    bias, rounded once: (N, C, H, W) in ``fmt.dtype``."""
-    P, Q, wa, wb, ta, tb = plan
-    sa, sb = _native_slices(a, P, wa, ta), _native_slices(b, Q, wb, tb)
-    ys = [op(u, v) for u in sa for v in sb]
-    if len(ys) == 1:
-        return _round_exact(ys[0], fmt, underflow, bias)
+    """op(a, b) (a torch convolution) exactly per ``plan``, plus a per-channel bias,
+    rounded once: (N, C, H, W) in ``fmt.dtype``."""
+    sa = _native_slices(a, plan.P, plan.wa, plan.ta, plan.dtype)
+    sb = _native_slices(b, plan.Q, plan.wb, plan.tb, plan.dtype)
+    with torch.backends.nnpack.flags(enabled=False):  # its Winograd and FFT transforms round
+        if plan.sum64:
+            y = None
+            for u in sa:
+                for v in sb:
+                    z = op(u, v).double()
+                    y = z if y is None else y.add_(z)
+            return _round_exact(y, fmt, underflow, bias)
+        ys = [op(u, v).double() for u in sa for v in sb]
     y = torch.stack(ys)  # (T, N, C, H, W)
     t, n, c = y.shape[:3]
     g = y.reshape(t, n, c, -1).contiguous()
@@ -608,7 +670,9 @@ def conv2d_input_grad(
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, c, h, wd = input_shape
     co, cg, kh, kw = w.shape
-    plan = _native_plan(grad, w, (co // groups) * kh * kw) if mode == "exact" else None
+    # float32 input gradients are slow when few channels receive them
+    plan = _native_plan(grad, w, (co // groups) * kh * kw, INPUT_GRAD_ADVANTAGE if cg >= 6 else 0) \
+        if mode == "exact" else None
     if plan is not None:
         if _whole_window(input_shape, w.shape, stride, padding, dilation, groups) and tuple(grad.shape[2:]) == (1, 1):
             op = lambda u, v: (u.reshape(n, co) @ v.reshape(co, -1)).view(n, c, h, wd)  # noqa: E731

@@ -71,3 +71,41 @@ def test_round_stack_fast_and_limb_paths():
     assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=2.0**-60) == 1 + 2.0**-5
     assert run([2.0**60, 1 + 2.0**-6, -(2.0**60)], bias=-(2.0**-60)) == 1.0
     assert math.isnan(run([1.0, float("nan")]))
+
+
+def _spanning(shape, g, fmt, top, span):
+    """fmt values whose whole tensor spans about ``span`` bits below 2**top."""
+    x = fmt.round(torch.rand(shape, generator=g, dtype=torch.float64) * 2.0**top)
+    x.view(-1)[0] = fmt.round(torch.tensor(2.0 ** (top - 1)))
+    x.view(-1)[1] = 2.0 ** (top - span)  # the lowest bit (a power of two, exact in fmt)
+    return x
+
+
+@pytest.mark.parametrize("spans,fmt,expect", [
+    ((14, 9), Posit(8, 2), (torch.float32, True)),  # LeNet conv1's spans: two float32 slice pairs
+    ((17, 12), Posit(8, 2), (torch.float32, True)),
+    ((30, 20), Posit(16, 2), (torch.float32, False)),  # too wide to add the pairs in float64: limbs
+    ((40, 40), Posit(16, 2), (torch.float64, False)),  # too many float32 pairs
+])
+def test_float32_plans_match_the_unfolded_gemm(spans, fmt, expect, monkeypatch):
+    g = torch.Generator().manual_seed(sum(spans))
+    x = _spanning((2, 3, 7, 7), g, fmt, 2, spans[0])
+    k = _spanning((4, 3, 3, 3), g, fmt, -1, spans[1])
+    plan = quire._native_plan(x, k, 27)
+    assert (plan.dtype, plan.sum64) == expect, plan
+    y = quire.conv2d(x, k, None, fmt, 1, 1)
+    d = _spanning(tuple(y.shape), g, fmt, 0, spans[1])
+    got = [y, quire.conv2d_weight_grad(x, d, k.shape, fmt, 1, 1)]
+    monkeypatch.setattr(quire, "_native_plan", lambda *a: None)
+    exp = [quire.conv2d(x, k, None, fmt, 1, 1), quire.conv2d_weight_grad(x, d, k.shape, fmt, 1, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(got, exp))
+
+
+def test_float32_plans_need_ieee_float32(monkeypatch):
+    fmt = Posit(8, 2)
+    g = torch.Generator().manual_seed(0)
+    x, k = _spanning((2, 3, 7, 7), g, fmt, 2, 14), _spanning((4, 3, 3, 3), g, fmt, -1, 9)
+    assert quire._native_plan(x, k, 27).dtype == torch.float32
+    monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
+    assert quire._native_plan(x, k, 27).dtype == torch.float64
+    assert quire._native_plan(x, k, 27, 0).dtype == torch.float64  # no float32 advantage: never

@@ -47,9 +47,10 @@ def split_rows(x: torch.Tensor, top: torch.Tensor, w: int, shape: tuple[int, int
     return out
 
 
-def split_flat(x: torch.Tensor, top: int, w: int, count: int) -> torch.Tensor:
-    """Exact slices (count, numel) of a float64 tensor below 2**top (``slicing.split_flat``)."""
-    out = torch.empty((count, x.numel()), dtype=torch.float64)
+def split_flat(x: torch.Tensor, top: int, w: int, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Exact slices (count, numel) of a float32 or float64 tensor below 2**top
+    (``slicing.split_flat``), written in ``dtype`` (which must hold each slice exactly)."""
+    out = torch.empty((count, x.numel()), dtype=dtype)
     slicing.split_flat(x.reshape(-1).contiguous().numpy(), top, w, out.numpy())
     return out
 

@@ -77,11 +77,11 @@ def split_rows(x: torch.Tensor, top: torch.Tensor, w: int, shape: tuple[int, int
     return out
 
 
-def split_flat(x: torch.Tensor, top: int, w: int, count: int) -> torch.Tensor:
-    """Exact slices (count, numel) of a float64 tensor below one common 2**top."""
-    flat = x.contiguous().view(1, -1)
+def split_flat(x: torch.Tensor, top: int, w: int, count: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Exact slices (count, numel) of a float64 tensor below one common 2**top, in ``dtype``."""
+    flat = x.double().contiguous().view(1, -1)
     tops = torch.full((1,), top, dtype=torch.int64, device=x.device)
-    return split_rows(flat, tops, w, (1, count, 1, flat.shape[1])).view(count, -1)
+    return split_rows(flat, tops, w, (1, count, 1, flat.shape[1])).view(count, -1).to(dtype)
 
 
 def _round_sum(G: torch.Tensor, bias: torch.Tensor | None, stride: int, count: int, fmt: Posit, underflow: bool) -> torch.Tensor:
