@@ -1,7 +1,9 @@
 """Price of exactness: quire.matmul(mode="exact") against fake quantisation
 (fmt.round(torch.matmul(a32, b32))) and bare float32 torch.matmul, on the GEMMs that
 LeNet-5 and CifarNet training issue at batch 64 (forward, input error, weight gradient;
-convolutions via unfold). Timings are medians; compare the ratios, measured in one run.
+convolutions via unfold), then on their convolutions as training runs them (quire.conv2d
+and its gradients, against fmt.round of torch's float32 convolution). Timings are medians;
+compare the ratios, measured in one run.
 """
 
 import argparse
@@ -48,6 +50,10 @@ CIFARNET = [
     ("fc3 grad_w", 10, 64, 192, "grad", "act"),
 ]
 FORMATS = [Posit(8, 0), Posit(8, 1), Posit(8, 2), Posit(16, 1), Posit(16, 2), Posit(32, 2)]
+# The convolutions as training runs them (quire.conv2d and its two gradients, whatever plan
+# they pick): (name, input shape, output channels, kernel, padding).
+LENET_CONVS = [("conv1", (64, 1, 28, 28), 6, 5, 2), ("conv2", (64, 6, 14, 14), 16, 5, 0), ("conv3", (64, 16, 5, 5), 120, 5, 0)]
+CIFARNET_CONVS = [("conv1", (64, 3, 32, 32), 8, 5, 2), ("conv2", (64, 8, 16, 16), 16, 5, 2)]
 
 
 def draw(role: str, shape: tuple[int, int], fan_in: int, g: torch.Generator) -> torch.Tensor:
@@ -100,6 +106,31 @@ def run(net: str, shapes, fmt: Posit, repeats: int, none: bool = False) -> None:
     )
 
 
+def run_convs(net: str, convs, fmt: Posit, repeats: int) -> None:
+    """The training path: each convolution's forward, input error (not for a first layer)
+    and weight gradient through the quire, against fmt.round of the float32 torch op."""
+    g = torch.Generator().manual_seed(0)
+    tot = {"exact": 0.0, "fake": 0.0, "f32": 0.0}
+    for name, shape, out, k, pad in convs:
+        x = fmt.round(draw("act", shape, 1, g)).float()
+        w = fmt.round(draw("weight", (out, shape[1], k, k), shape[1] * k * k, g)).float()
+        y = torch.nn.functional.conv2d(x, w, None, 1, pad)
+        d = fmt.round(draw("grad", tuple(y.shape), 1, g)).float()
+        ops = {
+            "exact": [lambda: quire.conv2d(x, w, None, fmt, 1, pad), lambda: quire.conv2d_weight_grad(x, d, w.shape, fmt, 1, pad)],
+            "f32": [lambda: torch.nn.functional.conv2d(x, w, None, 1, pad),
+                    lambda: torch.nn.grad.conv2d_weight(x, w.shape, d, 1, pad)],
+        }
+        if name != "conv1":
+            ops["exact"].append(lambda: quire.conv2d_input_grad(d, w, x.shape, fmt, 1, pad))
+            ops["f32"].append(lambda: torch.nn.grad.conv2d_input(x.shape, w, d, 1, pad))
+        ops["fake"] = [lambda f=f: fmt.round(f()) for f in ops["f32"]]
+        for kind, fns in ops.items():
+            tot[kind] += sum(median_seconds(f, repeats) for f in fns)
+    print(f"{net:9} {str(fmt):12} convolutions as trained: exact {tot['exact'] * 1e3:7.1f} ms  fake-quant "
+          f"{tot['fake'] * 1e3:6.1f} ms  float32 {tot['f32'] * 1e3:6.1f} ms  exact/fake {tot['exact'] / tot['fake']:5.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
@@ -111,9 +142,13 @@ def main() -> None:
         numba.set_num_threads(args.threads)
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; sums over each network's GEMMs, medians of {args.repeats}")
+    formats = [Posit.parse(f) for f in args.formats] if args.formats else FORMATS
     for net, shapes in (("LeNet-5", LENET), ("CifarNet", CIFARNET)):
-        for fmt in [Posit.parse(f) for f in args.formats] if args.formats else FORMATS:
+        for fmt in formats:
             run(net, shapes, fmt, args.repeats, args.none)
+    for net, convs in (("LeNet-5", LENET_CONVS), ("CifarNet", CIFARNET_CONVS)):
+        for fmt in formats:
+            run_convs(net, convs, fmt, args.repeats)
 
 
 if __name__ == "__main__":
