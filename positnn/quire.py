@@ -80,12 +80,12 @@ def _scan(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, 
     """Rows of x (B, R, K) as float64, their top exponents, the widest row span in bits,
     and (highest top, lowest bit) over all rows."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    copy, top, low = backend_for(x.device).scan_rows(flat)
-    used = low < slicing.NO_BITS
-    if not used.any():
+    be = backend_for(x.device)
+    copy, top, low = be.scan_rows(flat)
+    hi, lo, span = be.row_extent(top, low)
+    if span < 0:  # no nonzero finite entry
         return copy.view(x.shape), top, 0, (0, 0)
-    extent = (int(top.max()), int(low[used].min()))
-    return copy.view(x.shape), top, int((top - low)[used].max()), extent
+    return copy.view(x.shape), top, span, (hi, lo)
 
 
 def _widths(span_a: int, span_b: int, budget: int, size_a: int = 1, size_b: int = 1, outputs: int = 1) -> tuple[int, int]:

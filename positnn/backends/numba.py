@@ -120,6 +120,7 @@ from .numba_quire import (  # noqa: E402,F401
     round_stack,
     round_sum,
     round_terms,
+    row_extent,
     scan_rows,
     split_flat,
     split_rows,

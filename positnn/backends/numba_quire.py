@@ -34,6 +34,13 @@ def scan_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return copy, top, low
 
 
+def row_extent(top: torch.Tensor, low: torch.Tensor) -> tuple[int, int, int]:
+    """(highest top, lowest low, widest span) over the used rows of a scan, (0, 0, -1)
+    when no row holds a nonzero finite entry (``slicing.row_extent``)."""
+    hi, lo, span = slicing.row_extent(top.numpy(), low.numpy())
+    return int(hi), int(lo), int(span)
+
+
 def global_span(flat: torch.Tensor) -> tuple[int, int, int]:
     """(top, low, nonfinite) over a whole tensor (``slicing.global_span``)."""
     t, b, bad = slicing.global_span(flat.detach().cpu().reshape(-1).contiguous().numpy())

@@ -53,6 +53,19 @@ def scan_rows(x, top, low, copy, write_copy):
         low[r] = lo
 
 
+@njit(cache=True)
+def row_extent(top, low):
+    """(highest top, lowest low, widest top - low) over the rows that hold a nonzero
+    finite entry (low < NO_BITS); (0, 0, -1) when none does."""
+    hi, lo, span = -NO_BITS, NO_BITS, -1
+    for r in range(top.size):
+        if low[r] < NO_BITS:
+            hi = max(hi, top[r])
+            lo = min(lo, low[r])
+            span = max(span, top[r] - low[r])
+    return (hi, lo, span) if span >= 0 else (0, 0, -1)
+
+
 @njit(inline="always")
 def _truncate_at(v, p):
     """v with every bit below 2**p cleared (exact; v finite and normal or zero)."""

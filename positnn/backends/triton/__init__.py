@@ -26,6 +26,7 @@ from .quire_ops import (  # noqa: F401  (the quire entry points of this backend)
     round_stack,
     round_sum,
     round_terms,
+    row_extent,
     scan_rows,
     split_flat,
     split_rows,

@@ -50,6 +50,16 @@ def scan_rows(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return copy, top, low
 
 
+def row_extent(top: torch.Tensor, low: torch.Tensor) -> tuple[int, int, int]:
+    """(highest top, lowest low, widest span) over the used rows of a scan, (0, 0, -1)
+    when none is used; read back."""
+    used = low < NO_BITS
+    if not bool(used.any()):
+        return 0, 0, -1
+    hi, lo, span = torch.stack([top[used].max(), low[used].min(), (top - low)[used].max()]).tolist()
+    return int(hi), int(lo), int(span)
+
+
 def global_span(flat: torch.Tensor) -> tuple[int, int, int]:
     """(top, low, nonfinite) over a whole tensor, as ``slicing.global_span``; read back."""
     check_device(flat.device)
