@@ -489,6 +489,12 @@ def _slice_plan(ta: int, la: int, tb: int, lb: int, terms: int, mantissa: int, s
     return -(-sa // wa), -(-sb // wb), wa, wb
 
 
+def _fits_float32(ta: int, la: int, tb: int, lb: int, terms: int) -> bool:
+    """Whether every operand bit, product and partial sum lies in float32's normal range."""
+    top = max(ta, tb, ta + tb + math.ceil(math.log2(max(terms, 1))))
+    return min(la, lb, la + lb) >= F32_LOWEST and top <= F32_HIGHEST
+
+
 class NativePlan(NamedTuple):
     """P x Q slice pairs of wa and wb bits below 2**ta and 2**tb, convolved in ``dtype``;
     ``sum64``: their results add up exactly in float64 (no limbs needed)."""
@@ -530,7 +536,7 @@ def _native_plan(a: torch.Tensor, b: torch.Tensor, terms: int,
     p64 = _slice_plan(ta, la, tb, lb, terms, 53, sizes)
     if p64 is not None and p64[0] * p64[1] > 1 and min(la, lb) < -1022:  # slicing clears mantissa bits of normal floats
         p64 = None
-    if float32_advantage and la + lb >= F32_LOWEST and ta + tb + math.ceil(math.log2(max(terms, 1))) <= F32_HIGHEST and _float32_is_ieee():
+    if float32_advantage and _fits_float32(ta, la, tb, lb, terms) and _float32_is_ieee():
         p32 = _slice_plan(ta, la, tb, lb, terms, 24, sizes)
         # the float64 alternative: its slice pairs, or the unfolded GEMM where there is none
         pairs64 = MAX_NATIVE_SLICES if p64 is None else min(p64[0] * p64[1], MAX_NATIVE_SLICES)

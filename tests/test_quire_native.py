@@ -109,3 +109,19 @@ def test_float32_plans_need_ieee_float32(monkeypatch):
     monkeypatch.setattr(torch.backends.mkldnn.conv, "fp32_precision", "bf16")
     assert quire._native_plan(x, k, 27).dtype == torch.float64
     assert quire._native_plan(x, k, 27, 0).dtype == torch.float64  # no float32 advantage: never
+
+
+def test_float32_plans_stay_in_float32s_normal_range(monkeypatch):
+    # 4-bit operands, which float32 holds near 1, placed where an operand, a product or a
+    # sum would leave float32's normal range: float64 plans there, and the same results
+    fmt = Posit(32, 3)  # values from 2**-240 to 2**240
+    for ta, tb, dtype in [(1, -2, torch.float32), (62, 61, torch.float32), (-100, -40, torch.float64),
+                          (140, -120, torch.float64), (64, 64, torch.float64)]:
+        g = torch.Generator().manual_seed(abs(ta))
+        x = torch.randint(-15, 16, (1, 2, 4, 4), generator=g).double() * 2.0 ** (ta - 4)
+        k = torch.randint(-15, 16, (2, 2, 2, 2), generator=g).double() * 2.0 ** (tb - 4)
+        assert quire._native_plan(x, k, 8).dtype == dtype, (ta, tb)
+        y = quire.conv2d(x, k, None, fmt)
+        with monkeypatch.context() as m:
+            m.setattr(quire, "_native_plan", lambda *a: None)
+            assert torch.equal(y, quire.conv2d(x, k, None, fmt)), (ta, tb)
