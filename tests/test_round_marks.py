@@ -82,3 +82,11 @@ def test_a_detached_alias_carries_the_mark(rounds):
     plain = y.clone()
     S.round(plain)
     assert rounds == [8]
+
+
+def test_a_view_reinterpreting_the_bits_is_rounded():
+    S = _stage()
+    y = S.mul(torch.rand(8), torch.rand(8))  # float32 posit(8,2) values
+    bits = y.view(torch.bfloat16)  # the same bytes read as 16 bfloat16 numbers
+    r = S.round(bits)
+    assert r is not bits and torch.equal(r, P8.round(bits))
