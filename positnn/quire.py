@@ -464,12 +464,13 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 # A sliced native convolution runs P * Q float64 convolutions; beyond this many the unfolded
 # GEMM with per-row slicing (narrower spans) is the better plan.
 MAX_NATIVE_SLICES = 6
-# torch's float32 convolutions (oneDNN) ran 4-18x faster than its float64 ones on LeNet-5
-# and ResNet-20 shapes here for the forward and the weight gradient, 2-5x for the input
-# gradient with 6 or more input channels and 0.2-0.4x with one. A float32 plan is taken
-# when it needs at most this many times the float64 plan's slice pairs, and at most
-# MAX_FLOAT32_SLICES: each pair also costs a slice pass, a conversion and an addition,
-# and on ResNet-20 an advantage of 8 was slower than 4.
+# torch's float32 convolutions (oneDNN) ran 1.5-19x faster than its float64 ones on LeNet-5
+# and ResNet-20 shapes here for the forward, 0.7-17x for the weight gradient, 2-10x for the
+# input gradient with 6 or more input channels and 0.1-0.4x with one
+# (benchmarks/bench_conv_dtypes.py). A float32 plan is taken when it needs at most this
+# many times the float64 plan's slice pairs, and at most MAX_FLOAT32_SLICES: each pair also
+# costs a slice pass, a conversion and an addition, and on ResNet-20 an advantage of 8 was
+# slower than 4.
 FLOAT32_ADVANTAGE, INPUT_GRAD_ADVANTAGE = 4, 2
 MAX_FLOAT32_SLICES = 8
 # float32 slices and their products must stay normal floats (no subnormal, no flush to
