@@ -42,9 +42,10 @@ import torch.nn.functional as F
 
 from .backends import backend_for
 from .floatformat import Float
+from . import lookup
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
-from .kernels import lut, slicing
+from .kernels import slicing
 
 MODES = ("exact", "none", "float32", "float64")
 NumberFormat = Posit | Float
@@ -192,7 +193,7 @@ def matmul(
     if mode == "exact":
         out = _exact_bmm(a3, b3, bias64, fmt, underflow)
     elif mode == "none":
-        out = _lut_bmm(a3, b3, bias64, fmt, underflow) if fmt.nbits <= 8 else None
+        out = lookup.bmm(a3, b3, bias64, fmt, underflow)
         if out is not None:
             return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
         out = torch.empty((a3.shape[0], M, N), dtype=fmt.dtype)
@@ -205,111 +206,6 @@ def matmul(
         out = _float_bmm(a3, b3, bias64, fmt, underflow, torch.float32 if mode == "float32" else torch.float64)
 
     return _squeeze(out.reshape(*batch, M, N), squeeze_rows, squeeze_cols).to(device)
-
-
-def _lut_tables(fmt: NumberFormat, underflow: bool) -> tuple:
-    """(values, mul, add, keys, bits, nonfinite, inf_is_nan) of an 8-bit format for
-    ``kernels.lut``, built once per format and underflow option."""
-    key = (fmt, bool(underflow))
-    if key not in _LUT_CACHE:
-        vals = fmt.values().double().numpy()
-        S = vals.size
-        x = np.empty(2 * S * S, dtype=np.float64)
-        lut.build(vals, fmt._accumulate_params(underflow), x)
-        pats = _patterns_of(torch.from_numpy(x), fmt)
-        mul, add = pats[: S * S].to(torch.uint8).numpy(), pats[S * S :].to(torch.uint8).numpy()
-        nan_pattern = int(_patterns_of(torch.tensor([float("nan")]), fmt)[0])
-        keys, bits = lut.float32_keys(vals, nan_pattern)
-        inf_is_nan = bool(fmt.round(torch.tensor([float("inf")])).isnan().all())
-        _LUT_CACHE[key] = (vals, mul, add, keys, bits, np.isnan(vals) | np.isinf(vals), inf_is_nan)
-    return _LUT_CACHE[key]
-
-
-_LUT_CACHE: dict = {}
-
-
-def _patterns_of(values: torch.Tensor, fmt: NumberFormat) -> torch.Tensor:
-    """Unsigned bit patterns (int64) of format values, through the format's own encode."""
-    bits = fmt.encode(values)
-    if bits.dtype.is_floating_point:  # torch's float8/16 storage: the same bits as integers
-        bits = bits.view({1: torch.int8, 2: torch.int16, 4: torch.int32}[bits.element_size()])
-    return bits.to(torch.int64) & ((1 << fmt.nbits) - 1)
-
-
-def _lut_patterns(t: torch.Tensor, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
-    """t's values as unsigned n-bit patterns (uint8, t's shape), or None if any is not a
-    value of ``fmt`` (NaN is NaR or NaN; -0 is looked up as 0)."""
-    flat = _host(t).contiguous().reshape(-1)
-    if flat.dtype == torch.float64:  # values of an 8-bit format are float32s; others are refused below
-        narrow = flat.float()
-        if not bool(((narrow.double() == flat) | flat.isnan()).all()):
-            return None
-        flat = narrow
-    _, _, _, keys, bits, _, inf_is_nan = _lut_tables(fmt, underflow)
-    p = torch.empty(flat.shape, dtype=torch.uint8)
-    bad = lut.f32_patterns(flat.view(torch.int32).numpy().view(np.uint32), keys, bits, p.numpy(), inf_is_nan)
-    return None if bad else p.view(t.shape)
-
-
-def _lut_acc0(bias: torch.Tensor | None, N: int, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
-    """The initial accumulator patterns: round(bias), or 0; None for a bias that rounds to
-    -0 (the float path keeps that sign, the patterns cannot)."""
-    if bias is None:
-        return torch.zeros(N, dtype=torch.int64)
-    rb = fmt.round(_host(bias).double().reshape(N).contiguous(), underflow=underflow)
-    if bool(((rb == 0) & torch.signbit(rb)).any()):
-        return None
-    return _lut_patterns(rb, fmt, underflow).to(torch.int64)
-
-
-def _lut_run(pa: torch.Tensor, pb: torch.Tensor, acc0: torch.Tensor, fmt: NumberFormat, underflow: bool) -> torch.Tensor:
-    """Patterns pa (B, M, K) and pb (B, K, N), accumulators acc0 (B, N): (B, M, N) values."""
-    vals, mul, add, _, _, nonfinite, _ = _lut_tables(fmt, underflow)
-    out = torch.empty((pa.shape[0], pa.shape[1], pb.shape[2]), dtype=fmt.dtype)
-    lut.lut_dot(pa.contiguous().numpy(), pb.contiguous().numpy(), acc0.contiguous().numpy(), mul, add, vals, out.numpy(),
-                fmt.nbits, nonfinite)
-    return out
-
-
-def _lut_bmm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
-    """mode="none" for n <= 8 by table look-up on bit patterns (``kernels.lut``), or None
-    where that would not be bit-identical to ``acc.sequential_dot``: an operand that is not
-    a posit of ``fmt``, or a bias that rounds to -0 (the float path keeps that sign)."""
-    pa = _lut_patterns(a, fmt, underflow)
-    pb = None if pa is None else _lut_patterns(b, fmt, underflow)
-    acc0 = None if pb is None else _lut_acc0(bias, b.shape[-1], fmt, underflow)
-    if acc0 is None:
-        return None
-    return _lut_run(pa, pb, acc0.expand(a.shape[0], -1), fmt, underflow)
-
-
-def _pattern_cols(px, k, stride, padding, dilation, groups):
-    """Unfolded patterns (groups, N*L, C/groups*kh*kw), as torch's unfold orders them, and
-    the output size (ho, wo)."""
-    n, c, h, w = px.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = k, stride, padding, dilation
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    cols = torch.empty((groups, n * ho * wo, c // groups * kh * kw), dtype=torch.uint8)
-    lut.pattern_cols(px.contiguous().numpy(), kh, kw, sh, sw, ph, pw, dh, dw, cols.numpy())
-    return cols, (ho, wo)
-
-
-def _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:
-    """conv2d in mode "none" for n <= 8: the unfolded GEMM of ``conv2d`` on bit patterns
-    (unfolded as uint8, a quarter of the float32 traffic), or None where ``_lut_bmm`` would
-    refuse (then the float path runs, as before)."""
-    px = _lut_patterns(x, fmt, underflow)
-    pw = None if px is None else _lut_patterns(w, fmt, underflow)
-    o, cg, kh, kw = w.shape
-    acc0 = None if pw is None else _lut_acc0(bias, o, fmt, underflow)
-    if acc0 is None:
-        return None
-    cols, (ho, wo) = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)
-    n = x.shape[0]
-    wg = pw.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (groups, K, O/groups)
-    y = _lut_run(cols, wg, acc0.view(groups, o // groups), fmt, underflow)  # (groups, N*L, O/groups)
-    return y.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2).contiguous()
 
 
 def _exponents(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -642,8 +538,8 @@ def conv2d(
         else:
             op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
-    if mode == "none" and fmt.nbits <= 8:
-        y = _lut_conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow)
+    if mode == "none" and lookup.supports(fmt):
+        y = lookup.conv2d(_host(x), _host(w), bias, fmt, stride, padding, dilation, groups, underflow)
         if y is not None:
             return y.to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -725,14 +621,10 @@ def conv2d_weight_grad(
             op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
     _, cg, kh, kw = weight_shape
-    if mode == "none" and fmt.nbits <= 8:
-        px = _lut_patterns(x, fmt, underflow)
-        pd = None if px is None else _lut_patterns(grad, fmt, underflow)
-        if pd is not None:
-            cols, _ = _pattern_cols(px, (kh, kw), stride, padding, dilation, groups)  # (groups, N*L, K)
-            d3 = pd.reshape(n, groups, co // groups, ho * wo).permute(1, 2, 0, 3).reshape(groups, co // groups, n * ho * wo)
-            zero = torch.zeros((groups, cols.shape[2]), dtype=torch.int64)
-            return _lut_run(d3, cols, zero, fmt, underflow).reshape(weight_shape).to(grad.device)
+    if mode == "none" and lookup.supports(fmt):
+        dw = lookup.conv2d_weight_grad(_host(x), _host(grad), weight_shape, fmt, stride, padding, dilation, groups, underflow)
+        if dw is not None:
+            return dw.to(grad.device)
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (N, C*kk, L)
     k = cols.shape[1] // groups
     cols = cols.reshape(n, groups, k, ho * wo).permute(1, 0, 3, 2).reshape(groups, n * ho * wo, k)

@@ -1,11 +1,11 @@
-"""The no-quire look-up path (kernels.lut) against the float kernel it replaces, for posits
-and 8-bit binary floats alike."""
+"""The no-quire look-up path (positnn.lookup, kernels.lut) against the float kernel it
+replaces, for posits and binary floats of up to 12 bits alike."""
 
 import numpy as np
 import pytest
 import torch
 
-from positnn import Float, Posit, quire
+from positnn import Float, Posit, lookup, quire
 from positnn.kernels import accumulate as acc
 from positnn.kernels import lut
 
@@ -13,6 +13,8 @@ FORMATS = [Posit(*f) for f in [(8, 0), (8, 1), (8, 2), (8, 3), (7, 1), (6, 0), (
     Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 4), Float(2, 1), Float(4, 3, specials="fn", overflow="nan"),
     Float(5, 2, overflow="saturate"), Float(4, 2, subnormals=False),
 ]
+# Above 8 bits the patterns and tables are uint16 and the keys read more float32 bits.
+WIDE = [Posit(9, 0), Posit(10, 1), Posit(12, 0), Posit(12, 2), Posit(11, 3), Float(5, 6), Float(4, 5, subnormals=False)]
 
 
 def _float_kernel(a, b, bias, fmt, underflow):
@@ -30,15 +32,15 @@ def _draw(fmt, shape, g, zeros=0.3, nar=0.0):
     return torch.where(torch.rand(shape, generator=g) < nar, torch.full((), float("nan")), x).to(fmt.dtype)
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS + WIDE, ids=str)
 @pytest.mark.parametrize("underflow", [False, True])
 def test_lut_matches_float_kernel(fmt, underflow):
-    g = torch.Generator().manual_seed(fmt.nbits * 10 + FORMATS.index(fmt) + 100 * underflow)
+    g = torch.Generator().manual_seed(fmt.nbits * 10 + (FORMATS + WIDE).index(fmt) + 100 * underflow)
     for nb, M, K, N, nar in [(1, 7, 33, 5, 0.0), (2, 40, 100, 3, 0.0), (1, 65, 17, 9, 0.01), (3, 1, 200, 1, 0.0)]:
         a, b = _draw(fmt, (nb, M, K), g, nar=nar), _draw(fmt, (nb, K, N), g, nar=nar)
         bias = torch.randn(N, generator=g, dtype=torch.float64) * 4
         for bv in (None, bias):
-            got = quire._lut_bmm(a, b, bv, fmt, underflow)
+            got = lookup.bmm(a, b, bv, fmt, underflow)
             exp = _float_kernel(a, b, bv, fmt, underflow)
             if got is None:  # only a bias rounding to -0 refuses the tables
                 rb = fmt.round(bv, underflow=underflow) if bv is not None else torch.ones(1)
@@ -51,8 +53,8 @@ def test_lut_matches_float_kernel(fmt, underflow):
 
 
 def test_lut_tables_cover_every_pair():
-    for fmt in [Posit(8, 2), Posit(6, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 2)]:
-        vals, mul, add = quire._lut_tables(fmt, False)[:3]
+    for fmt in [Posit(8, 2), Posit(6, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 2), Posit(10, 1), Float(4, 5)]:
+        vals, mul, add = lookup.tables(fmt, False)[:3]
         S = 1 << fmt.nbits
         a = torch.from_numpy(np.repeat(vals, S))
         b = torch.from_numpy(np.tile(vals, S))
@@ -62,18 +64,42 @@ def test_lut_tables_cover_every_pair():
         assert torch.equal(torch.from_numpy(vals[add.astype(np.int64)]).nan_to_num(), s.nan_to_num())
 
 
+def test_lut_tables_of_12_bits_sampled():
+    """Two tables of 16M entries each: a random sample of pairs, against the float kernels."""
+    fmt = Posit(12, 1)
+    vals, mul, add = lookup.tables(fmt, False)[:3]
+    g = torch.Generator().manual_seed(12)
+    idx = torch.randint(1 << 24, (200_000,), generator=g)
+    a, b = torch.from_numpy(vals)[idx >> 12], torch.from_numpy(vals)[idx & 4095]
+    got_mul, got_add = torch.from_numpy(vals[mul[idx.numpy()].astype(np.int64)]), torch.from_numpy(vals[add[idx.numpy()].astype(np.int64)])
+    assert torch.equal(got_mul.nan_to_num(), fmt.mul(a, b).double().nan_to_num())
+    assert torch.equal(got_add.nan_to_num(), fmt.add(a, b).double().nan_to_num())
+
+
+def test_lut_only_for_narrow_float32_formats():
+    """No tables above 12 bits, nor for formats with values beyond float32 (posit(8,5))."""
+    assert [lookup.supports(f) for f in (Posit(12, 2), Posit(13, 1), Posit(16, 1), Posit(8, 5), Posit(12, 4))] == [
+        True, False, False, False, False]
+    g = torch.Generator().manual_seed(5)
+    for fmt in (Posit(8, 5), Posit(16, 1)):
+        a, b = _draw(fmt, (1, 4, 6), g), _draw(fmt, (1, 6, 3), g)
+        assert lookup.bmm(a, b, None, fmt, False) is None
+        assert torch.equal(quire.matmul(a[0], b[0], fmt, mode="none"), _float_kernel(a, b, None, fmt, False)[0])
+
+
 def test_lut_falls_back_on_non_posits():
     fmt = Posit(8, 0)
     a = torch.tensor([[[0.3, 1.0]]], dtype=torch.float32)  # 0.3 is no posit(8,0)
     b = torch.tensor([[[1.0], [2.0]]], dtype=torch.float32)
-    assert quire._lut_bmm(a, b, None, fmt, False) is None
+    assert lookup.bmm(a, b, None, fmt, False) is None
     out = quire.matmul(a[0], b[0], fmt, mode="none")
     assert torch.equal(out, _float_kernel(a, b, None, fmt, False)[0])
     # A bias that rounds to -0 keeps its sign on the float path: no table then.
-    assert quire._lut_bmm(b.transpose(1, 2), b, torch.tensor([-0.0], dtype=torch.float64), fmt, False) is None
+    assert lookup.bmm(b.transpose(1, 2), b, torch.tensor([-0.0], dtype=torch.float64), fmt, False) is None
 
 
-@pytest.mark.parametrize("fmt", [Posit(8, 2), Posit(8, 0), Posit(6, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2")], ids=str)
+@pytest.mark.parametrize("fmt", [Posit(8, 2), Posit(8, 0), Posit(6, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2"),
+                                 Posit(10, 1), Posit(12, 2)], ids=str)
 def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
     g = torch.Generator().manual_seed(fmt.nbits)
     for (N, c, h, w), (o, kh), stride, pad, dil, groups in [
@@ -86,7 +112,7 @@ def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
         got = [y, quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
-        monkeypatch.setattr(quire, "_lut_patterns", lambda *a: None)  # the float kernel everywhere
+        monkeypatch.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere
         exp = [quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
@@ -100,15 +126,17 @@ def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
 def test_f32_patterns_agree_with_encode():
     """Patterns by look-up equal the format's own encode (-0 looked up as +0), and None
     exactly when an element is not a value of the format."""
-    for fmt in [Posit(8, 0), Posit(8, 2), Posit(8, 4), Posit(5, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 1)]:
+    for fmt in [Posit(8, 0), Posit(8, 2), Posit(8, 4), Posit(5, 1), Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 1),
+                Posit(9, 0), Posit(12, 0), Posit(12, 3), Float(5, 6)]:
         vals = fmt.values().float()
         odd = torch.tensor([0.3, -0.0, float("inf"), -float("inf"), 1e-30, -1e-40, 3e38, float("nan")])
         for x in (vals, torch.cat([vals, odd[:2]]), odd[2:4], odd[4:5], odd[5:6], odd[6:7], odd[7:], vals.double()):
-            p = quire._lut_patterns(x, fmt, False)
+            p = lookup.patterns(x, fmt, False)
             try:
-                q = quire._patterns_of(torch.where(x == 0, 0.0, x), fmt).to(torch.uint8)
+                q = lookup.patterns_of(torch.where(x == 0, 0.0, x), fmt)
             except ValueError:  # some element is no value of the format
                 q = None
             assert (p is None) == (q is None), (fmt, x)
             if p is not None:
-                assert torch.equal(p, q), (fmt, x)
+                assert p.dtype == (torch.uint8 if fmt.nbits <= 8 else torch.uint16)
+                assert torch.equal(p.to(torch.int64), q), (fmt, x)

@@ -1,12 +1,13 @@
-"""No-quire dot products of 8-bit formats (posits, fp8) by table look-up on bit patterns.
+"""No-quire dot products of narrow formats (posits, fp8) by table look-up on bit patterns.
 
 ``accumulate.sequential_dot`` rounds every product and every addition of float64 values.
-For n <= 8 both operations are functions of two n-bit patterns, so they are tables of
-2**(2n) patterns (64K entries for 8 bits), built once per format and underflow option
+Both operations are functions of two n-bit patterns, so they are tables of 2**(2n)
+patterns (64K entries for 8 bits, 16M for 12), built once per format and underflow option
 *with the very same scalar code* (``_product``, ``two_sum``, ``round_fmt``): the look-up
 path is bit-identical to the float path whenever every operand is a value of the format.
 
-Patterns are stored unsigned (the low n bits), as the format encodes them.
+Patterns are stored unsigned (the low n bits), as the format encodes them: uint8 up to 8
+bits, uint16 above.
 """
 
 import numpy as np
@@ -16,43 +17,45 @@ from .accumulate import round_fmt
 from .arith import _product, two_sum
 
 
-@njit(cache=True)
-def build(vals, rp, x):
-    """x[p * S + q] = round(v_p * v_q) and x[S*S + p * S + q] = round(v_p + v_q) for the
-    S values ``vals`` of the format ``rp`` (``accumulate.round_fmt``), with the scalar code
-    of ``accumulate.sequential_dot``; the caller encodes them as patterns."""
-    S = vals.size
-    for p in range(S):
+@njit(parallel=True, cache=True)
+def build(vals, rp, p0, prods, sums):
+    """prods[r, q] = round(v_p * v_q) and sums[r, q] = round(v_p + v_q), p = p0 + r, for the
+    values ``vals`` of the format ``rp`` (``accumulate.round_fmt``), with the scalar code
+    of ``accumulate.sequential_dot``; the caller encodes them as patterns, a block of
+    rows at a time."""
+    R, S = prods.shape
+    for r in prange(R):
+        a = vals[p0 + r]
         for q in range(S):
-            a = vals[p]
             b = vals[q]
             pr, pe = _product(a, b)
-            x[p * S + q] = round_fmt(pr, pe, rp)
+            prods[r, q] = round_fmt(pr, pe, rp)
             s, err = two_sum(a, b)
-            x[S * S + p * S + q] = round_fmt(s, err, rp)
+            sums[r, q] = round_fmt(s, err, rp)
 
 
-def float32_keys(vals: np.ndarray, nan_pattern: int):
-    """(keys, bits) for the format whose pattern p has value vals[p]: keys[u >> 16] is the
-    pattern of the float32 with bits u, for every value of the format (and both zeros: -0
-    is looked up as +0, which no-quire sums cannot tell apart, since they start at +0),
-    ``nan_pattern`` for every other inf or NaN; bits[p] the float32 bits of pattern p's
-    value, to check that a looked-up value is that value. The top 16 bits identify every
-    value of at most 7 fraction bits (all 8-bit posits and floats)."""
+def float32_keys(vals: np.ndarray, nan_pattern: int, shift: int, dtype):
+    """(keys, bits) for the format whose pattern p has value vals[p], every one a float32:
+    keys[u >> shift] is the pattern of the float32 with bits u, for every value of the
+    format (and both zeros: -0 is looked up as +0, which no-quire sums cannot tell apart,
+    since they start at +0), ``nan_pattern`` for every other inf or NaN; bits[p] the
+    float32 bits of pattern p's value, to check that a looked-up value is that value. The
+    top 32 - shift bits identify every value of at most 23 - shift fraction bits."""
     S = vals.size
     bits = vals.astype(np.float32).view(np.uint32).copy()
-    keys = np.zeros(1 << 16, dtype=np.uint8)
-    keys[0x7F80:0x8000] = nan_pattern  # +inf and NaNs
-    keys[0xFF80:] = nan_pattern
+    keys = np.zeros(1 << (32 - shift), dtype=dtype)
+    inf, neg = 0x7F800000 >> shift, 0x80000000 >> shift
+    keys[inf:neg] = nan_pattern  # +inf and NaNs
+    keys[neg + inf:] = nan_pattern
     for p in range(S):
         if not np.isnan(vals[p]):
-            keys[bits[p] >> 16] = p
-    keys[0x8000] = keys[0]  # -0
+            keys[bits[p] >> shift] = p
+    keys[neg] = keys[0]  # -0
     return keys, bits
 
 
 @njit(parallel=True, cache=True)
-def f32_patterns(u, keys, bits, out, inf_is_nan):
+def f32_patterns(u, keys, shift, bits, out, inf_is_nan):
     """Patterns of float32 values given as their bits ``u`` (a flat uint32 array) by table
     look-up; returns how many are not values of the format. NaN is always accepted (its
     pattern is the format's NaN or NaR), an infinity that is no value only when the format
@@ -60,7 +63,7 @@ def f32_patterns(u, keys, bits, out, inf_is_nan):
     bad = 0
     for i in prange(u.size):
         x = u[i]
-        p = keys[x >> 16]
+        p = keys[x >> shift]
         nan = ((x & 0x7F800000) == 0x7F800000) & ((x & 0x007FFFFF) != 0)
         inf = (x & 0x7FFFFFFF) == 0x7F800000
         ok = (bits[p] == x) | (x == 0x80000000) | nan | (inf & inf_is_nan)
