@@ -4,7 +4,7 @@ All kernels work on the float64 bit pattern of a value, with integer arithmetic 
 they are exact for every posit(n <= 32, es <= 5): every such posit, every (n+1)-bit
 midpoint and every underflow threshold is a normal float64.
 
-The scalar core ``round_abs`` is written as "compute both candidates, then select", with
+The scalar core ``round_abs`` is written as "compute the candidates, then select", with
 no early exits, so that LLVM turns the element loop into SIMD code.
 """
 
@@ -32,32 +32,22 @@ def round_abs(a, tie, n, es, maxexp, underflow):
     k = E >> es
     rlen = k + 2 if k >= 0 else 1 - k
     avail = n - 1 - rlen  # pattern bits left after the regime
-    f = avail - es  # fraction bits kept
 
-    # Cut inside the fraction: ordinary float rounding to f bits (the carry may ripple
-    # into the exponent and regime, which is exactly the next posit).
-    shift = min(max(52 - f, 1), 62)
-    rem = a & ((1 << shift) - 1)
+    # After the regime a posit holds the low es bits of E, then the fraction. In b, the
+    # bits of |x| with the exponent biased by 1024 instead of 1023 (a multiple of 2**es),
+    # the exponent field ends in those same es bits, so the pattern's tail is b's low
+    # 52 + es bits: rounding the pattern to ``avail`` bits (ties to even on the (n+1)-bit
+    # midpoint) is rounding b at bit 52 + es - avail, wherever that cut lies, in the
+    # fraction or in the exponent; a carry ripples into the next posit. Where no exponent
+    # bit is left, the pattern's last bit, which decides ties, is the regime's.
+    b = a + (1 << 52)
+    shift = min(max(52 + es - avail, 1), 62)
+    rem = b & ((1 << shift) - 1)
     half = 1 << (shift - 1)
-    lsb = (a >> shift) & 1
-    lo_f = a - rem
-    hi_f = lo_f + (1 << shift)
-    up_f = (rem > half) | ((rem == half) & ((tie > 0) | ((tie == 0) & (lsb == 1))))
-
-    # Cut inside the exponent (or right after it): the neighbours are powers of two and
-    # the midpoint is geometric; the pattern's last bit decides ties.
-    c = min(max(es - avail, 0), es)
-    low = E & ((1 << c) - 1)
-    rest = (low << 52) | (a & MANT_MASK)
-    half_c = 1 << (51 + c)
-    lsb_c = ((E >> c) & 1) if avail > 0 else (1 if k < 0 else 0)
-    lo_c = (E - low + 1023) << 52
-    hi_c = (E - low + (1 << c) + 1023) << 52
-    up_c = (rest > half_c) | ((rest == half_c) & ((tie > 0) | ((tie == 0) & (lsb_c == 1))))
-
-    lo = lo_f if f > 0 else lo_c
-    hi = hi_f if f > 0 else hi_c
-    up = up_f if f > 0 else up_c
+    lsb = ((b >> shift) & 1) if avail > 0 else (1 if k < 0 else 0)
+    lo = b - rem - (1 << 52)
+    hi = lo + (1 << shift)
+    up = (rem > half) | ((rem == half) & ((tie > 0) | ((tie == 0) & (lsb == 1))))
 
     # Outside [minpos, maxpos]: saturate; below minpos only the underflow rule gives 0.
     maxpos = (maxexp + 1023) << 52

@@ -40,28 +40,14 @@ def round_abs(a, tie, n: tl.constexpr, es: tl.constexpr, underflow: tl.constexpr
     k = E >> es
     rlen = tl.where(k >= 0, k + 2, 1 - k)
     avail = n - 1 - rlen
-    f = avail - es
-
-    shift = tl.minimum(tl.maximum(52 - f, 1), 62)
-    rem = a & ((one << shift) - 1)
+    b = a + (one << 52)  # exponent biased by 1024: its low es bits are E's (see the numba core)
+    shift = tl.minimum(tl.maximum(52 + es - avail, 1), 62)
+    rem = b & ((one << shift) - 1)
     half = one << (shift - 1)
-    lsb = (a >> shift) & 1
-    lo_f = a - rem
-    hi_f = lo_f + (one << shift)
-    up_f = (rem > half) | ((rem == half) & ((tie > 0) | ((tie == 0) & (lsb == 1))))
-
-    c = tl.minimum(tl.maximum(es - avail, 0), es)
-    low = E & ((one << c) - 1)
-    rest = (low << 52) | (a & MANT_MASK)
-    half_c = one << (51 + c)
-    lsb_c = tl.where(avail > 0, (E >> c) & 1, tl.where(k < 0, 1, 0))
-    lo_c = (E - low + 1023) << 52
-    hi_c = (E - low + (one << c) + 1023) << 52
-    up_c = (rest > half_c) | ((rest == half_c) & ((tie > 0) | ((tie == 0) & (lsb_c == 1))))
-
-    lo = tl.where(f > 0, lo_f, lo_c)
-    hi = tl.where(f > 0, hi_f, hi_c)
-    up = tl.where(f > 0, up_f, up_c)
+    lsb = tl.where(avail > 0, (b >> shift) & 1, tl.where(k < 0, 1, 0))
+    lo = b - rem - (one << 52)
+    hi = lo + (one << shift)
+    up = (rem > half) | ((rem == half) & ((tie > 0) | ((tie == 0) & (lsb == 1))))
 
     maxpos = tl.full(a.shape, (maxexp + 1023) << 52, tl.int64)
     minpos = tl.full(a.shape, (1023 - maxexp) << 52, tl.int64)
