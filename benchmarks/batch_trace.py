@@ -26,12 +26,13 @@ def main() -> None:
     ap.add_argument("--policy", default="posit5-O12-L12q", help="a recipe or a policy .toml")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--every", type=int, default=32, help="log every this many batches (PositNN: 32)")
+    ap.add_argument("--seed", type=int, default=0, help="the training run's seed (initial weights, batch order)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     if args.epochs < 1 or args.every < 1:
         ap.error(f"--epochs and --every must be at least 1, got {args.epochs} and {args.every}")
     cfg = TrainConfig(dataset=args.dataset, data_dir=args.data_dir, policy=args.policy, threads=args.threads,
-                      epochs=args.epochs)
+                      epochs=args.epochs, seed=args.seed)
     torch.set_num_threads(args.threads)
     run = build(cfg)
     forward = cfg.resolved_policy().forward  # None for float32 training
