@@ -22,7 +22,7 @@ NumberFormat = Posit | Float
 # 12 bits: two tables of 16M uint16 entries (64 MiB); wider ones no longer pay for
 # themselves against the float kernel, as their look-ups miss every cache.
 MAX_BITS = 12
-_ROWS_PER_BLOCK = 1 << 20  # table entries built and encoded at a time, to bound the float64 scratch
+_BLOCK_ENTRIES = 1 << 20  # table entries built and encoded at a time, to bound the float64 scratch
 _CACHE: dict = {}
 
 
@@ -49,7 +49,7 @@ def tables(fmt: NumberFormat, underflow: bool) -> tuple:
         S = vals.size
         _, np_dtype = _pattern_dtype(fmt)
         mul, add = np.empty(S * S, dtype=np_dtype), np.empty(S * S, dtype=np_dtype)
-        rows = max(1, _ROWS_PER_BLOCK // S)
+        rows = max(1, _BLOCK_ENTRIES // S)
         prods, sums = np.empty((rows, S)), np.empty((rows, S))
         for p0 in range(0, S, rows):
             r = min(rows, S - p0)
