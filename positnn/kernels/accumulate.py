@@ -249,11 +249,18 @@ def _sequential_dot(A, B, bias, out, rp):
                     clean &= np.isfinite(B[b, k, j])
                 if clean:
                     continue
-            for j in range(N):
-                p, pe = _product(a, np.float64(B[b, k, j]))
-                prod = round_fmt(p, pe, rp)
-                s, err = two_sum(acc[j], prod)
-                acc[j] = round_fmt(s, err, rp)
+            if rp[0] == 0:  # the format's kind decided once per k, not per element: SIMD loops
+                for j in range(N):
+                    p, pe = _product(a, np.float64(B[b, k, j]))
+                    prod = round_value(p, pe, rp[1], rp[2], rp[6])
+                    s, err = two_sum(acc[j], prod)
+                    acc[j] = round_value(s, err, rp[1], rp[2], rp[6])
+            else:
+                for j in range(N):
+                    p, pe = _product(a, np.float64(B[b, k, j]))
+                    prod = round_fmt(p, pe, rp)
+                    s, err = two_sum(acc[j], prod)
+                    acc[j] = round_fmt(s, err, rp)
         for j in range(N):
             out[b, i, j] = acc[j]
 
