@@ -64,6 +64,28 @@ def test_lut_tables_cover_every_pair():
         assert torch.equal(torch.from_numpy(vals[add.astype(np.int64)]).nan_to_num(), s.nan_to_num())
 
 
+@pytest.mark.parametrize("fmt", [Posit(16, 1), Posit(13, 0), Posit(16, 2), Posit(8, 2), Float.parse("bf16"),
+                                 Float.parse("fp16"), Float.parse("fp8e4m3")], ids=str)
+def test_row_blocked_float_kernel_matches_column_kernel(fmt):
+    """The two loop orders of the no-quire float kernel give the same bits: zeros skipped or
+    not as rows of B hold NaR, a bias that rounds to -0, a partial block of rows."""
+    g = torch.Generator().manual_seed(fmt.nbits + 7)
+    for nb, M, K, N, nar in [(1, 37, 25, 6, 0.0), (2, 16, 9, 1, 0.02), (1, 50, 40, 7, 0.01), (1, 17, 3, 2, 0.0)]:
+        a, b = _draw(fmt, (nb, M, K), g, zeros=0.4, nar=nar), _draw(fmt, (nb, K, N), g, nar=nar)
+        bias = (torch.randn(N, generator=g, dtype=torch.float64) * 4).to(fmt.dtype).double()
+        bias[0] = -1e-300  # rounds to -0 in floats that flush, to -minpos in posits
+        for bv in (torch.empty(0, dtype=torch.float64), bias):
+            cols = torch.empty((nb, M, N), dtype=fmt.dtype)
+            rows = torch.empty((nb, M, N), dtype=fmt.dtype)
+            args = (a.numpy(), b.numpy(), bv.numpy())
+            acc._sequential_dot(*args, cols.numpy(), fmt._accumulate_params(False))
+            acc._sequential_dot_rows(*args, rows.numpy(), fmt._accumulate_params(False))
+            assert torch.equal(cols.isnan(), rows.isnan())
+            live = ~cols.isnan()
+            assert torch.equal(cols[live], rows[live]), (fmt, nb, M, K, N)
+            assert torch.equal(torch.signbit(cols[live]), torch.signbit(rows[live])), (fmt, nb, M, K, N)
+
+
 def test_lut_tables_of_12_bits_sampled():
     """Two tables of 16M entries each: a random sample of pairs, against the float kernels."""
     fmt = Posit(12, 1)

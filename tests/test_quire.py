@@ -519,7 +519,8 @@ def test_nar_propagation(fmt):
 def test_mode_none_matches_sequential_reference(fmt):
     f = P(fmt)
     E = max_exp(fmt)
-    for M, K, N, with_bias in [(3, 1, 2, False), (4, 9, 3, True), (2, 40, 2, True)]:
+    # (20, 9, 3): few columns, many rows: the row-blocked loop order (a block of 16 and 4)
+    for M, K, N, with_bias in [(3, 1, 2, False), (4, 9, 3, True), (2, 40, 2, True), (20, 9, 3, True)]:
         a = rand_logu(fmt, (M, K), -E // 2, E // 2, zero_frac=0.1)
         b = rand_logu(fmt, (K, N), -E // 2, E // 2, zero_frac=0.1)
         bias = rand_patterns(fmt, (N,)) if with_bias else None

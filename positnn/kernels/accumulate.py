@@ -265,6 +265,73 @@ def _sequential_dot(A, B, bias, out, rp):
             out[b, i, j] = acc[j]
 
 
+# Results narrower than a SIMD vector of float64 (a convolution's few channels) take the
+# row-blocked loop order; its blocks are this many rows.
+NARROW_COLUMNS = 8
+ROW_BLOCK = 16
+
+
+@njit(parallel=True, cache=True)
+def _sequential_dot_rows(A, B, bias, out, rp):
+    """``_sequential_dot`` with blocks of rows as the inner (SIMD) loop, for results of few
+    columns. Each output still starts at its rounded bias and adds its rounded products in
+    order over k, and a zero a_k is skipped exactly when the sequential kernel skips it
+    (row k of B free of NaR), so every bit, a -0 included, is the same."""
+    nb, M, N = out.shape
+    K = A.shape[2]
+    has_bias = bias.size > 0
+    clean = np.empty((nb, K), dtype=np.bool_)
+    for b in prange(nb):
+        for k in range(K):
+            c = True
+            for j in range(N):
+                c &= np.isfinite(B[b, k, j])
+            clean[b, k] = c
+    R = ROW_BLOCK
+    blocks = -(-M // R)
+    for t in prange(nb * blocks):
+        b = t // blocks
+        i0 = (t - b * blocks) * R
+        rows = min(R, M - i0)
+        At = np.zeros((K, R), dtype=np.float64)  # the block's rows, contiguous along the rows
+        for r in range(rows):
+            for k in range(K):
+                At[k, r] = A[b, i0 + r, k]
+        acc = np.empty(R, dtype=np.float64)
+        for j in range(N):
+            start = round_fmt(np.float64(bias[j]), 0.0, rp) if has_bias else 0.0
+            for r in range(R):
+                acc[r] = start
+            for k in range(K):
+                bv = np.float64(B[b, k, j])
+                skip_zero = clean[b, k]
+                if rp[0] == 0:
+                    for r in range(R):
+                        a = At[k, r]
+                        p, pe = _product(a, bv)
+                        prod = round_value(p, pe, rp[1], rp[2], rp[6])
+                        s, err = two_sum(acc[r], prod)
+                        new = round_value(s, err, rp[1], rp[2], rp[6])
+                        acc[r] = acc[r] if (a == 0) & skip_zero else new
+                else:
+                    for r in range(R):
+                        a = At[k, r]
+                        p, pe = _product(a, bv)
+                        prod = round_fmt(p, pe, rp)
+                        s, err = two_sum(acc[r], prod)
+                        new = round_fmt(s, err, rp)
+                        acc[r] = acc[r] if (a == 0) & skip_zero else new
+            for r in range(rows):
+                out[b, i0 + r, j] = acc[r]
+
+
+def _sequential(A, B, bias, out, rp):
+    """No quire: acc = bias; acc = round(acc + round(a_k * b_k)) in order over k, for out
+    (B, M, N); the loop order that suits the shape (the same bits either way)."""
+    narrow = out.shape[2] < NARROW_COLUMNS and out.shape[1] >= ROW_BLOCK
+    (_sequential_dot_rows if narrow else _sequential_dot)(A, B, bias, out, rp)
+
+
 @njit(parallel=True, cache=True)
 def _round_stack(G, bias, bias_on_rows, out, rp):
     """out[b, i, j] = round(sum_t G[t, b, i, j] + bias) exactly, for exact float64 terms
@@ -347,5 +414,5 @@ round_sum = _entry(_round_sum)
 round_flat = _entry(_round_flat)
 round_terms = _entry(_round_terms)
 quire_round = _entry(_quire_round)
-sequential_dot = _entry(_sequential_dot)
+sequential_dot = _entry(_sequential)
 round_stack = _entry(_round_stack)
