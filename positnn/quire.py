@@ -620,7 +620,7 @@ def conv2d_weight_grad(
         else:
             op = lambda u, v: torch.nn.grad.conv2d_weight(u, tuple(weight_shape), v, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, grad, plan, fmt, underflow).to(grad.device)
-    _, cg, kh, kw = weight_shape
+    kh, kw = weight_shape[2:]
     if mode == "none" and lookup.supports(fmt):
         dw = lookup.conv2d_weight_grad(_host(x), _host(grad), weight_shape, fmt, stride, padding, dilation, groups, underflow)
         if dw is not None:

@@ -7,7 +7,6 @@ import torch
 
 from positnn import Float, Posit, lookup, quire
 from positnn.kernels import accumulate as acc
-from positnn.kernels import lut
 
 FORMATS = [Posit(*f) for f in [(8, 0), (8, 1), (8, 2), (8, 3), (7, 1), (6, 0), (5, 2), (4, 1), (3, 0)]] + [
     Float.parse("fp8e4m3"), Float.parse("fp8e5m2"), Float(3, 4), Float(2, 1), Float(4, 3, specials="fn", overflow="nan"),
