@@ -1,7 +1,10 @@
 """Where a LeNet-5 training step goes: the torch profiler's table over a few steps of a
-policy (batch 64, synthetic images quantised to 8-bit pixels), after warm-up steps.
+policy (batch 64), after warm-up steps: on Fashion-MNIST batches with ``--data-dir``,
+else on one batch of synthetic images quantised to 8-bit pixels. The operands' spans, and
+so the exact plans taken, differ between the two: real data after some training is the
+representative case.
 
-    python benchmarks/profile_step.py --policy posit8-O16-L16q --threads 1
+    python benchmarks/profile_step.py --policy posit8-O16-L16q --threads 1 --data-dir ../shared/data --warmup 60
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import positnn.nn as pnn
 from positnn import optim
 from positnn.convert import convert
+from positnn.data import load_dataset
 from positnn.models import lenet5
 
 
@@ -23,26 +27,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=20, help="table rows (default 20)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed training steps first (default 3)")
+    ap.add_argument("--data-dir", help="train on Fashion-MNIST batches from here (default: synthetic images)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     numba.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(0)
-    x = (torch.rand(64, 1, 28, 28, generator=g) * 255).round() / 255
-    y = torch.randint(0, 10, (64,), generator=g)
+    if args.data_dir:
+        images, labels = load_dataset("fashion-mnist", "train", data_dir=args.data_dir).tensors
+    else:
+        g = torch.Generator().manual_seed(0)
+        images = (torch.rand(64, 1, 28, 28, generator=g) * 255).round() / 255
+        labels = torch.randint(0, 10, (64,), generator=g)
+    batches = len(images) // 64
     torch.manual_seed(0)
     model = convert(lenet5(), args.policy)
     loss_fn, opt = pnn.CrossEntropyLoss(args.policy), optim.SGD(model.parameters(), lr=1 / 16, momentum=0.5)
 
-    def step():
+    def step(i: int) -> None:
+        b = slice(i % batches * 64, i % batches * 64 + 64)
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        loss_fn(model(images[b]), labels[b]).backward()
         opt.step()
 
-    for _ in range(3):
-        step()
+    for i in range(args.warmup):
+        step(i)
     with torch.profiler.profile() as prof:
-        for _ in range(args.steps):
-            step()
+        for i in range(args.steps):
+            step(args.warmup + i)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
