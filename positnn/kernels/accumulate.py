@@ -341,55 +341,71 @@ def _round_stack(G, bias, bias_on_rows, out, rp):
     T = G.shape[0]
     nb, M, N = out.shape
     has_bias = bias.size > 0
-    mants = np.empty((nb * M, T + 1), dtype=np.int64)
-    exps = np.empty((nb * M, T + 1), dtype=np.int64)
     for bi in prange(nb * M):
         b = bi // M
         i = bi - b * M
-        limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+        # Fast pass, term by term along the row (a SIMD loop over j): sum = s + err
+        # exactly while every addition of the TwoSum errors is itself exact (f == 0).
+        s = np.empty(N, dtype=np.float64)
+        err = np.zeros(N, dtype=np.float64)
+        exact = np.ones(N, dtype=np.bool_)
         for j in range(N):
-            # Fast path: sum = s + err exactly while every addition of the TwoSum errors
-            # is itself exact (f == 0); then round s + err as round_sum does.
-            bv = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
-            s = G[0, b, i, j]
-            err = 0.0
-            exact = True
-            for t in range(1, T + 1):
-                v = G[t, b, i, j] if t < T else bv
-                s, e = two_sum(s, v)
-                err, f = two_sum(err, e)
-                exact &= f == 0.0
-            if exact:
-                s, e = two_sum(s, err)
-                out[b, i, j] = round_fmt(s, e, rp)
-                continue
-            finite = True
-            lsb = 1 << 30
-            top = -(1 << 30)
-            for t in range(T + 1):
-                if t < T:
-                    v = G[t, b, i, j]
-                else:
-                    v = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
-                finite &= np.isfinite(v)
-                m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
-                mants[bi, t] = m
-                exps[bi, t] = ex
-                if m != 0:
-                    lsb = min(lsb, ex)
-                    top = max(top, ex + 53)
-            if not finite:
-                out[b, i, j] = np.nan
-                continue
-            if top < lsb:
-                out[b, i, j] = 0.0
-                continue
-            nl = (top - lsb + 16) // LIMB + 4
-            limbs[:nl] = 0
-            for t in range(T + 1):
-                if mants[bi, t] != 0:
-                    add_int(limbs, exps[bi, t] - lsb, mants[bi, t])
-            out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
+            s[j] = G[0, b, i, j]
+        for t in range(1, T + 1):
+            for j in range(N):
+                v = G[t, b, i, j] if t < T else ((bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0)
+                sj, e = two_sum(s[j], v)
+                ej, f = two_sum(err[j], e)
+                s[j], err[j] = sj, ej
+                exact[j] &= f == 0.0
+        slow = 0
+        for j in range(N):
+            sj, e = two_sum(s[j], err[j])
+            out[b, i, j] = round_fmt(sj, e, rp)
+            slow += 0 if exact[j] else 1
+        if slow:
+            _round_stack_limbs(G, bias, bias_on_rows, has_bias, b, i, exact, out, rp)
+
+
+@njit
+def _round_stack_limbs(G, bias, bias_on_rows, has_bias, b, i, exact, out, rp):
+    """The elements of row (b, i) that ``_round_stack``'s fast pass could not add exactly,
+    summed as integers in limbs and rounded once."""
+    T = G.shape[0]
+    N = out.shape[2]
+    limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+    mants = np.empty(T + 1, dtype=np.int64)
+    exps = np.empty(T + 1, dtype=np.int64)
+    for j in range(N):
+        if exact[j]:
+            continue
+        finite = True
+        lsb = 1 << 30
+        top = -(1 << 30)
+        for t in range(T + 1):
+            if t < T:
+                v = G[t, b, i, j]
+            else:
+                v = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+            finite &= np.isfinite(v)
+            m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
+            mants[t] = m
+            exps[t] = ex
+            if m != 0:
+                lsb = min(lsb, ex)
+                top = max(top, ex + 53)
+        if not finite:
+            out[b, i, j] = np.nan
+            continue
+        if top < lsb:
+            out[b, i, j] = 0.0
+            continue
+        nl = (top - lsb + 16) // LIMB + 4
+        limbs[:nl] = 0
+        for t in range(T + 1):
+            if mants[t] != 0:
+                add_int(limbs, exps[t] - lsb, mants[t])
+        out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
 
 
 def posit_params(n: int, es: int, underflow: bool) -> tuple:
