@@ -333,9 +333,27 @@ def sum(x: torch.Tensor, dim: int, fmt: NumberFormat, keepdim: bool = False, *, 
     """The sum of x along ``dim``, accumulated exactly and rounded once."""
     _check_operand(x, "x")
     moved = x.movedim(dim, -1)
-    ones = torch.ones(moved.shape[-1], 1, dtype=torch.float64)
-    out = matmul(moved, ones, fmt, mode=mode, underflow=underflow).squeeze(-1)
+    out = _float64_sum(moved, fmt, underflow) if mode == "exact" else None
+    if out is None:
+        ones = torch.ones(moved.shape[-1], 1, dtype=torch.float64)
+        out = matmul(moved, ones, fmt, mode=mode, underflow=underflow).squeeze(-1)
     return out.unsqueeze(dim) if keepdim else out
+
+
+def _float64_sum(x: torch.Tensor, fmt: NumberFormat, underflow: bool) -> torch.Tensor | None:
+    """x summed over its last dim by torch in float64 and rounded once, where that sum is
+    exact in any order: span(x) + ceil(log2 K) <= 53 bits over the whole tensor (every
+    partial sum is then an integer below 2**53 in units of x's lowest bit). None where it
+    is not, or for NaN or infinite entries: the quire's GEMM path takes those."""
+    if x.dim() < 1 or x.numel() == 0:
+        return None
+    K = x.shape[-1]
+    top, low, bad = backend_for(x.device).global_span(_operand(x))
+    headroom = math.ceil(math.log2(K))
+    if bad or (top - low) + headroom > 53 or top + headroom > HIGHEST_BIT:
+        return None
+    s = _operand(x).to(torch.float64).sum(-1).add_(0.0)  # + 0.0: a sum of -0s is +0, as in the quire
+    return backend_for(s.device).round_flat(s.reshape(1, -1, 1), fmt, underflow).view(x.shape[:-1]).to(x.device)
 
 
 def _host(x: torch.Tensor) -> torch.Tensor:
