@@ -2,7 +2,9 @@
 policy (batch 64), after warm-up steps: on Fashion-MNIST batches with ``--data-dir``,
 else on one batch of synthetic images quantised to 8-bit pixels. The operands' spans, and
 so the exact plans taken, differ between the two: real data after some training is the
-representative case.
+representative case. Before the table: the minimum and median of ``--steps`` steps timed
+without the profiler (the minimum moves least on a shared machine), and the time per step
+in each numba kernel entry point (which the torch profiler counts inside the calling op).
 
     python benchmarks/profile_step.py --policy posit8-O16-L16q --threads 1 --data-dir ../shared/data --warmup 60
 """
@@ -10,12 +12,17 @@ representative case.
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
+import statistics
+import time
 
 import numba
 import torch
 
 import positnn.nn as pnn
 from positnn import optim
+from positnn.backends import numba as numba_backend
 from positnn.convert import convert
 from positnn.data import load_dataset
 from positnn.models import lenet5
@@ -51,10 +58,38 @@ def main() -> None:
 
     for i in range(args.warmup):
         step(i)
+    seconds = collections.Counter()
+    _time_kernels(seconds)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(args.warmup + i)
+        times.append(time.perf_counter() - t0)
+    print(f"{args.policy}: {min(times) * 1e3:.2f} ms a step (min), {statistics.median(times) * 1e3:.2f} ms (median), "
+          f"{args.steps} steps")
+    for name, s in seconds.most_common():
+        print(f"  {name:18s} {s / args.steps * 1e3:7.3f} ms a step")
     with torch.profiler.profile() as prof:
         for i in range(args.steps):
-            step(args.warmup + i)
+            step(args.warmup + args.steps + i)
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+def _time_kernels(seconds: collections.Counter) -> None:
+    """Wrap the numba backend's entry points to add their wall time to ``seconds``."""
+    for name in ("round_nearest", "round_stochastic", "global_span", "scan_rows", "row_extent", "split_flat",
+                 "split_rows", "round_flat", "round_sum", "round_stack", "round_terms"):
+        fn = getattr(numba_backend, name)
+
+        @functools.wraps(fn)
+        def timed(*a, _fn=fn, _name=name, **k):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                seconds[_name] += time.perf_counter() - t0
+
+        setattr(numba_backend, name, timed)
 
 
 if __name__ == "__main__":

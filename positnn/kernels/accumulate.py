@@ -143,6 +143,37 @@ def _round_flat(G, out, rp):
         out[i] = round_fmt(s, err, rp)
 
 
+# Limbs for any finite float64 sum (2**-1074 to 2**1024, plus carries).
+SUM_LIMBS = 2200 // LIMB + 8
+
+
+@njit
+def round_floats(terms, T, mants, exps, limbs, rp):
+    """The format value nearest to the exact sum of terms[:T] (float64s): NaN if any is not
+    finite, else their integer mantissas added into ``limbs`` (scratch, as are ``mants``
+    and ``exps``) and rounded once."""
+    lsb = 1 << 30
+    top = -(1 << 30)
+    for t in range(T):
+        v = terms[t]
+        if not np.isfinite(v):
+            return np.nan
+        m, ex = float_parts(v)
+        mants[t] = m
+        exps[t] = ex
+        if m != 0:
+            lsb = min(lsb, ex)
+            top = max(top, ex + 53)
+    if top < lsb:  # every term is zero
+        return 0.0
+    nl = (top - lsb + 16) // LIMB + 4
+    limbs[:nl] = 0
+    for t in range(T):
+        if mants[t] != 0:
+            add_int(limbs, exps[t] - lsb, mants[t])
+    return round_limbs(limbs, nl, lsb, rp)
+
+
 @njit(parallel=True, cache=True)
 def _round_terms(G, P, Q, bias, out, rp):
     """out[b, i, j] = round(sum_pq G[b, pM + i, qN + j] + bias[j]) exactly.
@@ -155,38 +186,16 @@ def _round_terms(G, P, Q, bias, out, rp):
     for bi in prange(nb * M):
         b = bi // M
         i = bi - b * M
+        terms = np.empty(T, dtype=np.float64)
         mants = np.empty(T, dtype=np.int64)
         exps = np.empty(T, dtype=np.int64)
-        limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+        limbs = np.zeros(SUM_LIMBS, dtype=np.int64)
         for j in range(N):
-            finite = True
-            lsb = 1 << 30
-            top = -(1 << 30)
-            for t in range(T):
-                if t < P * Q:
-                    p = t // Q
-                    v = G[b, p * M + i, (t - p * Q) * N + j]
-                else:
-                    v = bias[j] if has_bias else 0.0
-                finite &= np.isfinite(v)
-                m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
-                mants[t] = m
-                exps[t] = ex
-                if m != 0:
-                    lsb = min(lsb, ex)
-                    top = max(top, ex + 53)
-            if not finite:
-                out[b, i, j] = np.nan
-                continue
-            if top < lsb:  # every term is zero
-                out[b, i, j] = 0.0
-                continue
-            nl = (top - lsb + 16) // LIMB + 4
-            limbs[:nl] = 0
-            for t in range(T):
-                if mants[t] != 0:
-                    add_int(limbs, exps[t] - lsb, mants[t])
-            out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
+            for t in range(P * Q):
+                p = t // Q
+                terms[t] = G[b, p * M + i, (t - p * Q) * N + j]
+            terms[T - 1] = bias[j] if has_bias else 0.0
+            out[b, i, j] = round_floats(terms, T, mants, exps, limbs, rp)
 
 
 @njit(parallel=True, cache=True)
@@ -372,40 +381,17 @@ def _round_stack_limbs(G, bias, bias_on_rows, has_bias, b, i, exact, out, rp):
     """The elements of row (b, i) that ``_round_stack``'s fast pass could not add exactly,
     summed as integers in limbs and rounded once."""
     T = G.shape[0]
-    N = out.shape[2]
-    limbs = np.zeros(2200 // LIMB + 8, dtype=np.int64)  # any finite float64 sum fits
+    terms = np.empty(T + 1, dtype=np.float64)
     mants = np.empty(T + 1, dtype=np.int64)
     exps = np.empty(T + 1, dtype=np.int64)
-    for j in range(N):
+    limbs = np.zeros(SUM_LIMBS, dtype=np.int64)
+    for j in range(out.shape[2]):
         if exact[j]:
             continue
-        finite = True
-        lsb = 1 << 30
-        top = -(1 << 30)
-        for t in range(T + 1):
-            if t < T:
-                v = G[t, b, i, j]
-            else:
-                v = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
-            finite &= np.isfinite(v)
-            m, ex = float_parts(v) if np.isfinite(v) else (0, 0)
-            mants[t] = m
-            exps[t] = ex
-            if m != 0:
-                lsb = min(lsb, ex)
-                top = max(top, ex + 53)
-        if not finite:
-            out[b, i, j] = np.nan
-            continue
-        if top < lsb:
-            out[b, i, j] = 0.0
-            continue
-        nl = (top - lsb + 16) // LIMB + 4
-        limbs[:nl] = 0
-        for t in range(T + 1):
-            if mants[t] != 0:
-                add_int(limbs, exps[t] - lsb, mants[t])
-        out[b, i, j] = round_limbs(limbs, nl, lsb, rp)
+        for t in range(T):
+            terms[t] = G[t, b, i, j]
+        terms[T] = (bias[i] if bias_on_rows else bias[j]) if has_bias else 0.0
+        out[b, i, j] = round_floats(terms, T + 1, mants, exps, limbs, rp)
 
 
 def posit_params(n: int, es: int, underflow: bool) -> tuple:
