@@ -34,9 +34,6 @@ _by_device: dict[str, str] = {"cpu": "numba", "cuda": "triton"}
 
 # Backends whose import failed once (warned about once, then the fallback is used).
 _unimportable: set[str] = set()
-# (forced name, device type) -> backend, resolved once: every kernel call asks, often
-# hundreds of times a training step. ``register`` clears it.
-_resolved: dict[tuple[str | None, str], object] = {}
 
 
 class Backend(Protocol):
@@ -102,7 +99,6 @@ def register(name: str, backend: Backend | str, device_types: tuple[str, ...] = 
     _backends[name] = backend
     for t in device_types:
         _by_device[t] = name
-    _resolved.clear()
 
 
 def available() -> tuple[str, ...]:
@@ -124,22 +120,14 @@ def get(name: str) -> Backend:
 def backend_for(device: torch.device | str) -> Backend:
     """The backend that runs element-wise loops for tensors on ``device``:
     ``$POSITNN_BACKEND`` when set, else the one registered for the device type."""
-    forced = os.environ.get(ENV_VAR) or None
-    key = (forced, device.type if isinstance(device, torch.device) else torch.device(device).type)
-    b = _resolved.get(key)
-    if b is None:
-        b = _resolved[key] = _resolve(*key)
-    return b
-
-
-def _resolve(forced: str | None, device_type: str) -> Backend:
+    forced = os.environ.get(ENV_VAR)
     if forced:
         try:
             return get(forced)
         except ImportError as e:
             raise ValueError(f"positnn backend {forced!r} (from ${ENV_VAR}) cannot be imported: {e}; "
                              f"the triton backend needs `pip install positnn[gpu]`") from e
-    name = _by_device.get(device_type, FALLBACK)
+    name = _by_device.get(torch.device(device).type, FALLBACK)
     try:
         return get(name)
     except ImportError as e:
@@ -147,8 +135,8 @@ def _resolve(forced: str | None, device_type: str) -> Backend:
             raise
         if name not in _unimportable:
             _unimportable.add(name)
-            warnings.warn(f"positnn backend {name!r} for {device_type} tensors cannot be imported ({e}); "
-                          f"falling back to {FALLBACK!r} through host memory (pip install positnn[gpu])", stacklevel=3)
+            warnings.warn(f"positnn backend {name!r} for {torch.device(device).type} tensors cannot be imported ({e}); "
+                          f"falling back to {FALLBACK!r} through host memory (pip install positnn[gpu])", stacklevel=2)
         return get(FALLBACK)
 
 
