@@ -25,6 +25,8 @@ from positnn import optim
 from positnn.backends import numba as numba_backend
 from positnn.convert import convert
 from positnn.data import load_dataset
+from positnn.kernels import lut
+from positnn.kernels import scatter as scatter_kernels
 from positnn.models import lenet5
 
 
@@ -76,10 +78,15 @@ def main() -> None:
 
 
 def _time_kernels(seconds: collections.Counter) -> None:
-    """Wrap the numba backend's entry points to add their wall time to ``seconds``."""
-    for name in ("round_nearest", "round_stochastic", "global_span", "scan_rows", "row_extent", "split_flat",
-                 "split_rows", "round_flat", "round_sum", "round_stack", "round_terms"):
-        fn = getattr(numba_backend, name)
+    """Wrap the numba backend's entry points and the no-quire look-up kernels to add their
+    wall time to ``seconds``."""
+    entry_points = [(numba_backend, name) for name in (
+        "round_nearest", "round_stochastic", "global_span", "scan_rows", "row_extent", "split_flat", "split_rows",
+        "round_flat", "round_sum", "round_stack", "round_terms")]
+    entry_points += [(lut, name) for name in ("f32_patterns", "lut_dot", "pattern_cols")]
+    entry_points += [(scatter_kernels, name) for name in ("lut_scatter", "scatter_dot")]
+    for module, name in entry_points:
+        fn = getattr(module, name)
 
         @functools.wraps(fn)
         def timed(*a, _fn=fn, _name=name, **k):
@@ -89,7 +96,7 @@ def _time_kernels(seconds: collections.Counter) -> None:
             finally:
                 seconds[_name] += time.perf_counter() - t0
 
-        setattr(numba_backend, name, timed)
+        setattr(module, name, timed)
 
 
 if __name__ == "__main__":

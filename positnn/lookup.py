@@ -17,6 +17,7 @@ import torch
 from .floatformat import Float
 from .format import Posit
 from .kernels import lut
+from .kernels import scatter as scatter_kernels
 
 NumberFormat = Posit | Float
 # 12 bits: two tables of 16M uint16 entries (64 MiB); wider ones no longer pay for
@@ -133,22 +134,21 @@ def _cols(px: torch.Tensor, k, stride, padding, dilation, groups) -> tuple[torch
     return cols, (ho, wo)
 
 
-def conv2d(x, w, bias, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:
-    """``quire.conv2d`` in mode "none": its unfolded GEMM on bit patterns (unfolded at one
-    or two bytes an element, a quarter or half of the float32 traffic), or None."""
+def scatter(src: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, maps: tuple, out: torch.Tensor,
+            fmt: NumberFormat, underflow: bool) -> bool:
+    """``kernels.scatter.lut_scatter`` into out (its arguments are ``scatter_dot``'s);
+    False, with out untouched, where the tables would not be bit-identical."""
     if not supports(fmt):
-        return None
-    px = patterns(x, fmt, underflow)
-    pw = None if px is None else patterns(w, fmt, underflow)
-    o, cg, kh, kw = w.shape
-    acc0 = None if pw is None else _acc0(bias, o, fmt, underflow)
+        return False
+    ps = patterns(src, fmt, underflow)
+    pb = None if ps is None else patterns(b, fmt, underflow)
+    acc0 = None if pb is None else _acc0(bias, out.shape[-1], fmt, underflow)
     if acc0 is None:
-        return None
-    cols, (ho, wo) = _cols(px, (kh, kw), stride, padding, dilation, groups)
-    n = x.shape[0]
-    wg = pw.reshape(groups, o // groups, cg * kh * kw).transpose(1, 2)  # (groups, K, O/groups)
-    y = run(cols, wg, acc0.view(groups, o // groups), fmt, underflow)  # (groups, N*L, O/groups)
-    return y.permute(1, 0, 2).reshape(n, ho, wo, o).permute(0, 3, 1, 2).contiguous()
+        return False
+    vals, mul, add, _, _, _, _ = tables(fmt, underflow)
+    scatter_kernels.lut_scatter(ps.contiguous().numpy(), pb.contiguous().numpy(), acc0.view(b.shape[0], -1).numpy(),
+                                *maps, mul, add, vals, out.numpy(), fmt.nbits)
+    return True
 
 
 def conv2d_weight_grad(x, grad, weight_shape, fmt, stride, padding, dilation, groups, underflow) -> torch.Tensor | None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .backends import backend_for
 from .floatformat import Float
-from . import lookup
+from . import lookup, scatter
 from .format import Posit, check_rounding_options
 from .kernels import accumulate as acc
 from .kernels import slicing
@@ -556,8 +556,9 @@ def conv2d(
         else:
             op = lambda u, v: F.conv2d(u, v, None, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, x, w, plan, fmt, underflow, bias).to(x.device)
-    if mode == "none" and lookup.supports(fmt):
-        y = lookup.conv2d(_host(x), _host(w), bias, fmt, stride, padding, dilation, groups, underflow)
+    if mode == "none":
+        y = scatter.conv2d(_host(x), _host(w), None if bias is None else _host(bias), fmt, stride, padding, dilation,
+                           groups, underflow)
         if y is not None:
             return y.to(x.device)
     hout = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -600,6 +601,10 @@ def conv2d_input_grad(
         else:
             op = lambda u, v: torch.nn.grad.conv2d_input(tuple(input_shape), v, u, stride, padding, dilation, groups)  # noqa: E731
         return _native_op(op, grad, w, plan, fmt, underflow).to(grad.device)
+    if mode == "none":
+        dx = scatter.conv2d_input_grad(_host(grad), _host(w), input_shape, fmt, stride, padding, dilation, groups, underflow)
+        if dx is not None:
+            return dx.to(grad.device)
     # The output error dilated by the stride and padded, convolved with the rotated kernel.
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
     d = grad

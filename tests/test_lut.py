@@ -4,8 +4,10 @@ replaces, for posits and binary floats of up to 12 bits alike."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from positnn import Float, Posit, lookup, quire
+from positnn import Float, Posit, lookup, quire, scatter
 from positnn.kernels import accumulate as acc
 
 FORMATS = [Posit(*f) for f in [(8, 0), (8, 1), (8, 2), (8, 3), (7, 1), (6, 0), (5, 2), (4, 1), (3, 0)]] + [
@@ -24,8 +26,11 @@ def _float_kernel(a, b, bias, fmt, underflow):
 
 
 def _draw(fmt, shape, g, zeros=0.3, nar=0.0):
-    vals = fmt.values().to(fmt.dtype)
-    finite = vals[torch.isfinite(vals)]
+    if fmt.nbits <= 16:
+        vals = fmt.values().to(fmt.dtype)
+        finite = vals[torch.isfinite(vals)]
+    else:  # too many values to list: rounded normals of several binades
+        finite = fmt.round(torch.randn(4096, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-8, 8, (4096,), generator=g))
     x = finite[torch.randint(len(finite), shape, generator=g)]
     x = torch.where(torch.rand(shape, generator=g) < zeros, torch.zeros(()), x)
     return torch.where(torch.rand(shape, generator=g) < nar, torch.full((), float("nan")), x).to(fmt.dtype)
@@ -133,7 +138,8 @@ def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
         got = [y, quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
-        monkeypatch.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere
+        monkeypatch.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere,
+        monkeypatch.setattr(scatter, "_scatter", lambda *a, **k: None)  # on the unfolded operands
         exp = [quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
@@ -142,6 +148,57 @@ def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
         for gv, ev in zip(got, exp):
             assert gv.shape == ev.shape and torch.equal(gv.isnan(), ev.isnan()), (fmt, stride, pad, dil, groups)
             assert torch.equal(gv.nan_to_num(), ev.nan_to_num()), (fmt, stride, pad, dil, groups)  # fp8 sums overflow
+
+
+def _conv_ops(x, k, b, d, fmt, stride, pad, dil, groups):
+    return [quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none"),
+            quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
+            quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from([Posit(8, 2), Posit(6, 1), Float.parse("fp8e4m3"), Posit(10, 1), Posit(16, 1),
+                            Float.parse("bf16"), Posit(32, 2)]),
+       geometry=st.tuples(*[st.integers(1, 3)] * 6 + [st.integers(0, 2)] * 2),
+       kernel=st.tuples(st.integers(1, 4), st.integers(1, 4)), groups=st.sampled_from([1, 2]),
+       zeros=st.sampled_from([0.0, 0.5, 0.9]), nar=st.sampled_from([0.0, 0.02]), seed=st.integers(0, 2**31))
+def test_hypothesis_scattered_conv_matches_float_kernel(fmt, geometry, kernel, groups, zeros, nar, seed):
+    """The scattering convolutions (forward and input error; by look-up tables up to 12
+    bits, by the float kernel above) and the unfolded weight gradient against the float
+    kernel of the unfolded GEMM, over strides, dilations, paddings (also wider than the
+    kernel), groups and kernel sizes: their per-element order of accumulation is the same.
+    NaR in the kernel takes the unfolding fallback."""
+    sh, sw, dh, dw, c, o, ph, pw = geometry
+    c, o = c * groups, o * groups
+    kh, kw = kernel
+    g = torch.Generator().manual_seed(seed)
+    h, w = (dil * (size - 1) + 1 + int(torch.randint(0, 6, (1,), generator=g)) for dil, size in [(dh, kh), (dw, kw)])
+    x = _draw(fmt, (2, c, h, w), g, zeros=zeros, nar=nar)
+    k = _draw(fmt, (o, c // groups, kh, kw), g, nar=nar)
+    b = _draw(fmt, (o,), g, zeros=0.0)
+    stride, pad, dil = (sh, sw), (ph, pw), (dh, dw)
+    y = quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none")
+    d = _draw(fmt, tuple(y.shape), g, zeros=zeros, nar=nar)
+    got = _conv_ops(x, k, b, d, fmt, stride, pad, dil, groups)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere,
+        mp.setattr(scatter, "_scatter", lambda *a, **k: None)  # on the unfolded operands
+        exp = _conv_ops(x, k, b, d, fmt, stride, pad, dil, groups)
+    for gv, ev in zip(got, exp):
+        assert gv.shape == ev.shape and torch.equal(gv.isnan(), ev.isnan())
+        assert torch.equal(gv.nan_to_num(), ev.nan_to_num())
+
+
+def test_scatter_refuses_kernels_with_nonfinite_values():
+    """A NaR weight times a skipped zero is NaR: the scatter must decline such kernels, and
+    the convolution then still propagates NaR from the padding's zeros, as unfolding does."""
+    x, k = torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3)
+    k[0, 0, 0, 0] = float("nan")
+    for fmt in [Posit(8, 2), Posit(16, 2)]:
+        assert scatter.conv2d(x, k, None, fmt, (1, 1), (1, 1), (1, 1), 1, False) is None
+        assert scatter.conv2d_input_grad(x, k, x.shape, fmt, (1, 1), (1, 1), (1, 1), 1, False) is None
+        y = quire.conv2d(x, k, None, fmt, 1, 1, mode="none")
+        assert bool(y.isnan().all())  # every output reads tap (0, 0), inside x or in the padding
 
 
 def test_f32_patterns_agree_with_encode():

@@ -111,7 +111,6 @@ def lut_dot(A, B, acc0, mul, add, vals, out, n, nonfinite):
                 out[b, i, j] = vals[acc[j]]
 
 
-
 @njit(parallel=True, cache=True)
 def pattern_cols(x, kh, kw, sh, sw, ph, pw, dh, dw, out):
     """im2col on patterns: out[g, (i*ho + y)*wo + z, (c*kh + a)*kw + b] = x[i, g*cg + c,
