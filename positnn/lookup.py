@@ -4,9 +4,9 @@
 K. For a format of at most ``MAX_BITS`` bits whose values are all float32s, both steps are
 tables of 2**(2n) patterns, built once per format and underflow option with the float
 kernel's own scalar code, so this path is bit-identical to ``accumulate.sequential_dot``.
-Every entry point returns None where it would not be (an operand that is not a value of
-the format, a bias that rounds to -0); the caller then runs the float kernel. Operands
-come as CPU float32 or float64 tensors.
+Every entry point returns None (``scatter``: False) where it would not be (an operand that
+is not a value of the format, a bias that rounds to -0); the caller then runs the float
+kernel. Operands come as CPU float32 or float64 tensors.
 """
 
 from __future__ import annotations
