@@ -25,7 +25,7 @@ from positnn import optim
 from positnn.backends import numba as numba_backend
 from positnn.convert import convert
 from positnn.data import load_dataset
-from positnn.kernels import lut
+from positnn.kernels import accumulate, lut
 from positnn.kernels import scatter as scatter_kernels
 from positnn.models import lenet5
 
@@ -78,13 +78,14 @@ def main() -> None:
 
 
 def _time_kernels(seconds: collections.Counter) -> None:
-    """Wrap the numba backend's entry points and the no-quire look-up kernels to add their
-    wall time to ``seconds``."""
+    """Wrap the numba backend's entry points and the no-quire kernels (look-up, scatter and
+    the float kernel) to add their wall time to ``seconds``."""
     entry_points = [(numba_backend, name) for name in (
         "round_nearest", "round_stochastic", "global_span", "scan_rows", "row_extent", "split_flat", "split_rows",
         "round_flat", "round_sum", "round_stack", "round_terms")]
     entry_points += [(lut, name) for name in ("f32_patterns", "lut_dot", "pattern_cols")]
     entry_points += [(scatter_kernels, name) for name in ("lut_scatter", "scatter_dot")]
+    entry_points += [(accumulate, "sequential_dot")]
     for module, name in entry_points:
         fn = getattr(module, name)
 
