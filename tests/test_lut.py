@@ -1,5 +1,6 @@
 """The no-quire look-up path (positnn.lookup, kernels.lut) against the float kernel it
-replaces, for posits and binary floats of up to 12 bits alike."""
+replaces, for posits and binary floats of up to 12 bits alike, and the scattering
+convolutions (positnn.scatter) against the float kernel on unfolded operands."""
 
 import numpy as np
 import pytest
@@ -25,12 +26,19 @@ def _float_kernel(a, b, bias, fmt, underflow):
     return out
 
 
+def _unfold_on_float_kernel(mp: pytest.MonkeyPatch) -> None:
+    """Send every no-quire convolution through the float kernel on unfolded operands."""
+    mp.setattr(lookup, "patterns", lambda *a: None)
+    mp.setattr(scatter, "_scatter", lambda *a, **k: None)
+
+
 def _draw(fmt, shape, g, zeros=0.3, nar=0.0):
     if fmt.nbits <= 16:
         vals = fmt.values().to(fmt.dtype)
         finite = vals[torch.isfinite(vals)]
     else:  # too many values to list: rounded normals of several binades
-        finite = fmt.round(torch.randn(4096, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-8, 8, (4096,), generator=g))
+        scale = 2.0 ** torch.randint(-8, 8, (4096,), generator=g)
+        finite = fmt.round(torch.randn(4096, generator=g, dtype=torch.float64) * scale)
     x = finite[torch.randint(len(finite), shape, generator=g)]
     x = torch.where(torch.rand(shape, generator=g) < zeros, torch.zeros(()), x)
     return torch.where(torch.rand(shape, generator=g) < nar, torch.full((), float("nan")), x).to(fmt.dtype)
@@ -138,8 +146,7 @@ def test_lut_conv_matches_float_kernel(fmt, monkeypatch):
         got = [y, quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_weight_grad(x, d, k.shape, fmt, stride, pad, dil, groups, mode="none")]
-        monkeypatch.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere,
-        monkeypatch.setattr(scatter, "_scatter", lambda *a, **k: None)  # on the unfolded operands
+        _unfold_on_float_kernel(monkeypatch)
         exp = [quire.conv2d(x, k, b, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d(x, k, None, fmt, stride, pad, dil, groups, mode="none"),
                quire.conv2d_input_grad(d, k, x.shape, fmt, stride, pad, dil, groups, mode="none"),
@@ -181,8 +188,7 @@ def test_hypothesis_scattered_conv_matches_float_kernel(fmt, geometry, kernel, g
     d = _draw(fmt, tuple(y.shape), g, zeros=zeros, nar=nar)
     got = _conv_ops(x, k, b, d, fmt, stride, pad, dil, groups)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lookup, "patterns", lambda *a: None)  # the float kernel everywhere,
-        mp.setattr(scatter, "_scatter", lambda *a, **k: None)  # on the unfolded operands
+        _unfold_on_float_kernel(mp)
         exp = _conv_ops(x, k, b, d, fmt, stride, pad, dil, groups)
     for gv, ev in zip(got, exp):
         assert gv.shape == ev.shape and torch.equal(gv.isnan(), ev.isnan())
